@@ -1,0 +1,228 @@
+"""Canonical decoder -> one ONNX graph that serves prefill (empty past) and decode.
+
+We use torch.onnx's TorchScript tracer (`dynamo=False`) on purpose: `torch.export`
+(the default since PyTorch 2.9) specializes dynamic dimensions whose example size is 0
+or 1, which are exactly the empty-past prefill and the one-token decode, and it cannot
+express `total = past + seq` between inputs given as varargs. The tracer keeps every axis
+symbolic; we trace with sizes >= 2 and the tests run the graph at 0 and 1. Opset 17 keeps
+attention as explicit MatMul + Softmax (no fused Attention op), which is what lets the
+graph return attention probabilities and what TensorRT's parser accepts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from gptdeploy import contract as io
+from gptdeploy.contract import GraphSignature
+from gptdeploy.modeling import GPT
+
+log = logging.getLogger(__name__)
+
+OPSET = 17  # LayerNormalization is a standard op from 17; TensorRT 10 parses 17
+PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message past 2 GB
+DATA_SUFFIX = ".data"
+
+
+class _FlatSignature(torch.nn.Module):
+    """Adapts GPT.forward to the flat tensor IO of the contract (the tracer needs flat tensors)."""
+
+    def __init__(self, model: GPT, signature: GraphSignature):
+        super().__init__()
+        self.m = model
+        self.sig = signature
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(self.sig.n_layer)]
+        logits, presents, attentions = self.m(
+            input_ids, attention_mask, position_ids, past, last_logits_only=self.sig.last_logits_only
+        )
+        flat = [t for kv in presents for t in kv]
+        return (logits, *flat, *(attentions if self.sig.attentions else []))
+
+
+def signature_for(model: GPT, *, attentions: bool, last_logits_only: bool, kv_dtype: str = "float32"):
+    c = model.config
+    return GraphSignature(
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        kv_heads=c.kv_heads,
+        head_dim=c.head_dim,
+        vocab_size=c.vocab_size,
+        kv_dtype=kv_dtype,
+        attentions=attentions,
+        last_logits_only=last_logits_only,
+    )
+
+
+def _example_inputs(model: GPT, sig: GraphSignature) -> tuple[torch.Tensor, ...]:
+    # Sizes >= 2 on every dynamic axis, and distinct (B=2, P=3, T=4), so no axis is
+    # mistaken for a constant or for another axis.
+    B, P, T = 2, 3, 4
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    kv = (B, sig.kv_heads, P, sig.head_dim)
+    past = [torch.randn(kv, generator=g) for _ in sig.past_names()]
+    return (ids, mask, pos, *past)
+
+
+def _dynamic_axes(sig: GraphSignature) -> dict[str, dict[int, str]]:
+    axes = {}
+    for spec in [*sig.inputs(), *sig.outputs()]:
+        axes[spec.name] = {i: a for i, a in enumerate(spec.axes) if isinstance(a, str)}
+    return axes
+
+
+def export_onnx(
+    model: GPT,
+    path: Path,
+    *,
+    attentions: bool = True,
+    last_logits_only: bool = False,
+    external_data: bool | None = None,
+) -> tuple[GraphSignature, str | None]:
+    """Trace `model` to `path`. Returns the graph signature and the external-data file name (or None).
+
+    external_data None: only when the weights pass protobuf's 2 GB limit; True forces it.
+    """
+    model = model.eval()
+    sig = signature_for(model, attentions=attentions, last_logits_only=last_logits_only)
+    inputs = [s.name for s in sig.inputs()]
+    outputs = [s.name for s in sig.outputs()]
+    path = Path(path)
+    tmp_path = path.with_name(path.name + ".trace")
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about its own deprecation and about Python ints in traced shapes;
+        # neither changes the graph, which the tests run at every axis size that matters.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _FlatSignature(model, sig),
+            _example_inputs(model, sig),
+            str(tmp_path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=_dynamic_axes(sig),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(tmp_path))
+    _cleanup_trace_files(tmp_path, proto)
+    _tie_lm_head(proto, model)
+    _name_weights(proto)
+    weight_bytes = sum(_nbytes(t) for t in proto.graph.initializer)
+    if external_data is None:
+        external_data = weight_bytes > PROTO_LIMIT - (64 << 20)  # leave room for the graph itself
+    data_file = path.name + DATA_SUFFIX if external_data else None
+    if data_file:
+        (path.parent / data_file).unlink(missing_ok=True)
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_file, size_threshold=0,
+        )
+    else:
+        onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=False)
+    return sig, data_file
+
+
+def _cleanup_trace_files(trace_path: Path, proto: onnx.ModelProto) -> None:
+    """Remove the tracer's output (and any per-tensor files it wrote for >2 GB models)."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        load_external_data_for_model(proto, str(trace_path.parent))
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    (trace_path.parent / entry.value).unlink(missing_ok=True)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    trace_path.unlink(missing_ok=True)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _tie_lm_head(proto: onnx.ModelProto, model: GPT) -> None:
+    """Store the tied embedding once.
+
+    The tracer constant-folds `wte.T` into a second initializer for the lm_head MatMul
+    (Optimum's GPT-2 export carries both: 652 MB instead of ~500 MB). We point that
+    node at `wte` itself as Gemm(transB=1), which onnxruntime and TensorRT run without
+    materialising the transpose.
+    ::
+        x (B*T, C) ──MatMul── wte_T (C, V)      =>      x (B*T, C) ──Gemm(transB=1)── wte (V, C)
+    """
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    wte_name = next(n for n, t in inits.items() if n.endswith("wte.weight"))
+    wte = model.wte.weight.detach().numpy()
+    for i, node in enumerate(g.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        cand = inits[node.input[1]]
+        if tuple(cand.dims) != wte.T.shape or not np.array_equal(numpy_helper.to_array(cand), wte.T):
+            continue
+        gemm = helper.make_node(
+            "Gemm", [node.input[0], wte_name], list(node.output), name=node.name.replace("MatMul", "lm_head"),
+            transB=1,
+        )
+        g.node.remove(node)
+        g.node.insert(i, gemm)
+        g.initializer.remove(cand)
+        return
+    raise RuntimeError("lm_head MatMul on the transposed embedding not found; exporter changed?")
+
+
+def _name_weights(proto: onnx.ModelProto) -> None:
+    """Name every initializer by its module path (`h.0.attn.c_attn.weight`), as the tracer
+    only does for weights it did not transpose. Graph weights of Linear layers are [in, out]."""
+    g = proto.graph
+    renames: dict[str, str] = {}
+    for node in g.node:
+        for name in node.input:
+            if name.startswith("onnx::") and node.op_type == "MatMul" and name not in renames:
+                module = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")  # m.h.0.attn.c_attn
+                renames[name] = module.removeprefix("m.") + ".weight"
+    for t in g.initializer:
+        new = renames.get(t.name, t.name.removeprefix("m."))
+        renames[t.name] = new
+        t.name = new
+    for node in g.node:
+        for j, name in enumerate(node.input):
+            if name in renames:
+                node.input[j] = renames[name]
+
+
+def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
+    """Compare a graph's inputs and outputs with the contract; every mismatch, not the first."""
+    proto = onnx.load(str(path), load_external_data=False)
+    problems = []
+    for kind, want, have in (
+        ("input", sig.inputs(), proto.graph.input),
+        ("output", sig.outputs(), proto.graph.output),
+    ):
+        have_names = [v.name for v in have]
+        want_names = [s.name for s in want]
+        if have_names != want_names:
+            problems.append(f"graph {kind}s {have_names[:4]}... differ from the contract {want_names[:4]}...")
+            continue
+        for spec, v in zip(want, have):
+            dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+            if dtype != spec.dtype:
+                problems.append(f"{kind} {spec.name} is {dtype}, contract says {spec.dtype}")
+    return problems
+
+
+__all__ = ["export_onnx", "graph_io_problems", "signature_for", "OPSET"]

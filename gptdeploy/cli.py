@@ -1,0 +1,121 @@
+"""The `gptdeploy` command: a thin face over the library. Errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gptdeploy import __version__
+from gptdeploy.errors import GptDeployError
+
+EXIT_USAGE = 2
+
+
+class _Group(click.Group):
+    """Maps every GptDeployError (and a missing optional dependency) to `error: ...` + exit 2, here only."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GptDeployError as exc:
+            _fail(str(exc))
+        except ModuleNotFoundError as exc:
+            hint = "pip install 'gptdeploy[export]'" if exc.name in ("torch", "transformers", "onnx") else ""
+            _fail(f"{exc.name} is not installed{'; ' + hint if hint else ''}")
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    one_line = " ".join(message.split())
+    click.echo(f"error: {one_line}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="gptdeploy")
+def cli() -> None:
+    """Export trained GPTs to verified deploy bundles, generate with them, audit what they attended to."""
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to create.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (or a dir with vocab.json + merges.txt) for sources without one.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--no-attentions", is_flag=True, help="Leave attention outputs out of the graph (no audit).")
+@click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 2 GB.")
+def export(source: Path, out: Path, tokenizer: Path | None, force: bool, no_attentions: bool, external_data: bool) -> None:
+    """Export SOURCE (HF GPT-2 directory, nanoGPT ckpt.pt, or the gptdeploy sample) to a bundle."""
+    from rich.console import Console
+
+    from gptdeploy.exporters.export import export_bundle  # torch only when exporting
+
+    console = Console(stderr=True)
+    with console.status("exporting") as status:
+        result = export_bundle(
+            source, out, tokenizer=tokenizer, force=force, attentions=not no_attentions,
+            external_data=external_data or None, on_stage=lambda s: status.update(s),
+        )
+    p = result.parity
+    click.echo(
+        f"wrote {result.bundle.path} (parity vs {p.reference}: max |logit diff| {p.worst('logits'):.1e}, "
+        f"greedy tokens agree {p.greedy_agree}/{p.greedy_steps})"
+    )
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), help="Source to compare with (default: the one recorded at export).")
+@click.option("--integrity-only", is_flag=True, help="Check hashes and graph IO only; do not re-run parity.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify(bundle: Path, source: Path | None, integrity_only: bool, as_json: bool) -> None:
+    """Check BUNDLE's files and re-run parity against its source framework."""
+    from gptdeploy.exporters.verify import verify_bundle
+
+    result = verify_bundle(bundle, source=source, integrity_only=integrity_only)
+    if as_json:
+        click.echo(json.dumps({
+            "bundle": str(result.bundle.path), "passed": result.passed, "io_problems": result.io_problems,
+            "parity": {k: r.to_dict() for k, r in result.parity.items()},
+        }, indent=2))
+    else:
+        _print_verify(result)
+    if not result.passed:
+        problems = result.io_problems + [f"{k}: {r.describe_failures()}" for k, r in result.parity.items() if not r.passed]
+        _fail("verification failed: " + "; ".join(problems))
+
+
+def _print_verify(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    m = result.bundle.manifest
+    console.print(f"bundle {result.bundle.path}: {len(m.files)} files, SHA-256 ok; graph IO "
+                  + ("ok" if not result.io_problems else "; ".join(result.io_problems)))
+    for name, report in result.parity.items():
+        table = Table(title=f"{name} graph vs {report.reference} (source {result.source})")
+        for col in ("output", "max |diff|", "tolerance", "ok"):
+            table.add_column(col)
+        for kind, s in report.summary().items():
+            ok = s["max_abs_diff"] <= s["tolerance"]
+            table.add_row(kind, f"{s['max_abs_diff']:.2e}", f"{s['tolerance']:.0e}", "yes" if ok else "NO")
+        table.add_row("greedy tokens", f"{report.greedy_agree}/{report.greedy_steps} agree", "all", 
+                      "yes" if report.greedy_agree == report.greedy_steps else "NO")
+        console.print(table)
+    if not result.parity:
+        console.print("parity not re-run (--integrity-only); recorded at export: "
+                      + ", ".join(f"{k}: {'passed' if v.get('passed') else 'FAILED'}" for k, v in m.parity.items()))
+
+
+def main() -> None:
+    cli(prog_name="gptdeploy")
+
+
+if __name__ == "__main__":
+    main()
