@@ -1,0 +1,35 @@
+"""Source loaders: a plain registry, first match wins. Importing this stays torch-free (the CLI
+reads SUPPORTED for its help); torch arrives when a loader's load() runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gptdeploy.errors import SourceError
+from gptdeploy.exporters.sources import hf_gpt2, nanogpt, sample
+
+if TYPE_CHECKING:
+    from gptdeploy.exporters.sources.base import Source
+
+# Order matters: a sample directory is also an HF GPT-2 directory, so sample is asked first.
+LOADERS = (sample, hf_gpt2, nanogpt)
+SUPPORTED = "; ".join(f"{m.KIND}: {m.DESCRIPTION}" for m in LOADERS)
+
+
+def load_source(path: Path, tokenizer: Path | None = None) -> Source:
+    """Load a checkpoint or model directory with the first loader that recognises it."""
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path} does not exist; pass a model directory or checkpoint file")
+    if path.is_dir() and not any(path.iterdir()):
+        raise SourceError(f"{path} is an empty directory; pass a model directory or checkpoint file")
+    if tokenizer is not None and not Path(tokenizer).exists():
+        raise SourceError(f"--tokenizer {tokenizer} does not exist")
+    for loader in LOADERS:
+        if loader.detect(path):
+            return loader.load(path, Path(tokenizer) if tokenizer is not None else None)
+    raise SourceError(f"{path} is not a supported source. Supported: {SUPPORTED}")
+
+
+__all__ = ["LOADERS", "SUPPORTED", "load_source"]

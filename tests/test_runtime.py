@@ -1,0 +1,179 @@
+"""Runtimes: the `ort` runtime against the `torch` reference step by step, the KV cache kept as
+OrtValues, the protocol's checks, the backend registry, and weights read back from a graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from gptdeploy.bundle import Bundle
+from gptdeploy.config import GPTConfig
+from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
+from gptdeploy.exporters.onnx import export_onnx
+from gptdeploy.modeling import GPT
+from gptdeploy.runtimes import base
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput, open_runtime
+from gptdeploy.runtimes.ort import OrtRuntime
+from gptdeploy.runtimes.torch import TorchRuntime, graph_state_dict
+from tests.runtime_bundles import made
+
+# Same fp32 math, different GEMM order (MLAS vs ATen): measured max |diff| ~2e-6 on logits.
+LOGITS_TOL = 1e-4
+ATTN_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Bundle:
+    return Bundle.load(made("padded").bundle)
+
+
+def _left_padded(lengths: list[int], vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    B, L = len(lengths), max(lengths)
+    ids = rng.integers(0, vocab, size=(B, L))
+    mask = np.zeros((B, L), dtype=np.int64)
+    for b, n in enumerate(lengths):
+        mask[b, L - n :] = 1
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return ids, mask, pos
+
+
+def _steps(rt: RuntimeBase, ids, mask, pos, n_steps: int, record: bool) -> list[StepOutput]:
+    """Prefill then greedy decode steps, feeding every row its argmax."""
+    outs = [rt.prefill(ids, mask, pos, record)]
+    for _ in range(n_steps):
+        nxt = outs[-1].logits.argmax(axis=1)[:, None]
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        outs.append(rt.decode(nxt, mask, pos, record))
+    return outs
+
+
+def test_ort_matches_torch_step_by_step_with_left_padding(bundle):
+    ids, mask, pos = _left_padded([7, 3, 1], bundle.config.vocab_size)
+    with open_runtime(bundle, "ort", threads=1) as rt_ort, open_runtime(bundle, "torch") as rt_torch:
+        assert isinstance(rt_ort, OrtRuntime) and isinstance(rt_torch, TorchRuntime)
+        got = _steps(rt_ort, ids, mask, pos, 6, record=True)
+        want = _steps(rt_torch, ids, mask, pos, 6, record=True)
+    c = bundle.config
+    for step, (g, w) in enumerate(zip(got, want)):
+        T = ids.shape[1] if step == 0 else 1
+        assert g.logits.shape == (3, c.vocab_size) and g.logits.dtype == np.float32
+        np.testing.assert_allclose(g.logits, w.logits, atol=LOGITS_TOL, rtol=0, err_msg=f"step {step}")
+        assert len(g.attentions) == c.n_layer
+        for layer, (ga, wa) in enumerate(zip(g.attentions, w.attentions)):
+            assert ga.shape == (3, c.n_head, T, ids.shape[1] + step)
+            np.testing.assert_allclose(ga, wa, atol=ATTN_TOL, rtol=0, err_msg=f"step {step} layer {layer}")
+
+
+def test_ort_keeps_the_kv_cache_as_ortvalues_and_fetches_attention_only_on_request(bundle):
+    ids, mask, pos = _left_padded([4], bundle.config.vocab_size)
+    with OrtRuntime(bundle, bundle.graph(), threads=1) as rt:
+        out = rt.prefill(ids, mask, pos, record_attention=False)
+        assert out.attentions is None
+        assert rt.past_length == 4
+        assert len(rt._past) == 2 * bundle.config.n_layer
+        assert all(isinstance(v, ort.OrtValue) for v in rt._past)
+        assert rt._past[0].shape() == [1, bundle.config.n_head, 4, bundle.config.head_dim]
+        out = rt.decode(np.array([[5]]), np.ones((1, 5), dtype=np.int64), np.array([[4]]), record_attention=True)
+        assert [a.shape for a in out.attentions] == [(1, bundle.config.n_head, 1, 5)] * bundle.config.n_layer
+        assert rt.past_length == 5 and rt._past[0].shape()[2] == 5
+        rt.reset()
+        assert rt.past_length == 0 and rt._past == []
+
+
+def test_prefill_restarts_the_cache_and_gives_the_same_logits(bundle):
+    ids, mask, pos = _left_padded([5, 2], bundle.config.vocab_size, seed=3)
+    with open_runtime(bundle, "ort", threads=1) as rt:
+        first = _steps(rt, ids, mask, pos, 3, record=False)
+        again = _steps(rt, ids, mask, pos, 3, record=False)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_protocol_misuse_is_a_clear_error(bundle, backend):
+    rt = open_runtime(bundle, backend, threads=1)
+    one = np.ones((1, 1), dtype=np.int64)
+    with pytest.raises(GenerationError, match="before prefill"):
+        rt.decode(one, np.ones((1, 1), dtype=np.int64), one)
+    with pytest.raises(GenerationError, match="prefill needs"):
+        rt.prefill(np.ones((1, 3), dtype=np.int64), np.ones((1, 2), dtype=np.int64), np.zeros((1, 3), dtype=np.int64))
+    rt.prefill(np.ones((2, 3), dtype=np.int64), np.ones((2, 3), dtype=np.int64), np.tile(np.arange(3), (2, 1)))
+    with pytest.raises(GenerationError, match=r"attention_mask \(2, 4\)"):
+        rt.decode(np.ones((2, 1), dtype=np.int64), np.ones((2, 3), dtype=np.int64), np.full((2, 1), 3))
+    rt.close()
+    rt.close()  # idempotent
+    with pytest.raises(GenerationError, match="closed"):
+        rt.prefill(one, one, one - 1)
+
+
+def test_recording_needs_a_graph_with_attention_outputs():
+    b = Bundle.load(made("small", attentions=False).bundle)
+    assert not b.graph().signature.attentions
+    with open_runtime(b, "ort", threads=1) as rt:
+        one = np.ones((1, 1), dtype=np.int64)
+        assert rt.prefill(one, one, one - 1).attentions is None
+        with pytest.raises(GenerationError, match="no attention outputs"):
+            rt.prefill(one, one, one - 1, record_attention=True)
+
+
+def test_registry_names_what_is_missing(bundle, monkeypatch):
+    assert base.resolve_backend("auto") == "ort"
+    assert {"ort", "torch"} <= set(base.available_backends())
+    with pytest.raises(BackendUnavailable, match="unknown backend 'onnx'.*ort, ort-cuda, tensorrt, torch"):
+        open_runtime(bundle, "onnx")
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
+        open_runtime(bundle, "tensorrt")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider"):
+            open_runtime(bundle, "ort-cuda")
+    with pytest.raises(BundleError, match="no graph 'int8'"):
+        open_runtime(bundle, "ort", graph="int8")
+    with pytest.raises(GenerationError, match="threads"):
+        open_runtime(bundle, "ort", threads=0)
+    monkeypatch.setitem(base.BACKENDS, "ort", base.Backend("ort", lambda: "onnxruntime is broken", None, ""))
+    with pytest.raises(BackendUnavailable, match="no runtime backend is usable"):
+        base.resolve_backend("auto")
+
+
+def test_ort_defaults_to_physical_cores_and_explicit_providers(bundle):
+    assert 1 <= base.physical_cores() <= (len(__import__("os").sched_getaffinity(0)))
+    with OrtRuntime(bundle, bundle.graph()) as rt:
+        assert rt.threads == base.physical_cores()
+        assert rt._session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_graph_that_breaks_the_contract_is_a_bundle_error(bundle, tmp_path):
+    import shutil
+
+    from gptdeploy.bundle import write_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle.path, copy)
+    m = Bundle.load(copy).manifest
+    g = m.graphs["fp32"]
+    from dataclasses import replace
+
+    m.graphs["fp32"] = replace(g, signature=replace(g.signature, attentions=False))  # graph still has them
+    write_manifest(copy, m)
+    with pytest.raises(BundleError, match="does not match its manifest entry.*attentions.0"):
+        open_runtime(Bundle.load(copy), "ort")
+
+
+def test_weights_read_back_from_a_graph_equal_the_module(tmp_path):
+    """Fresh LayerNorms are identical, so the tracer stores one copy; the structure still finds each."""
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=32, bias=True)
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()  # LayerNorm weights all ones, biases all zeros: deduplicated by the tracer
+    export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert len(proto.graph.initializer) < len(model.state_dict())  # the deduplication happened
+    state = graph_state_dict(proto)
+    want = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert sorted(state) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(state[k], want[k], err_msg=k)
