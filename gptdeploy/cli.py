@@ -15,7 +15,22 @@ EXIT_USAGE = 2
 
 
 class _Group(click.Group):
-    """Maps every GptDeployError (and a missing optional dependency) to `error: ...` + exit 2, here only."""
+    """Maps every GptDeployError, usage error and missing optional dependency to one line,
+    `error: ...`, and exit code 2 — here, and nowhere else."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.UsageError as exc:  # bad option values: one line, not click's usage block
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            _fail(exc.format_message() + hint)
+        except click.ClickException as exc:
+            _fail(exc.format_message())
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -111,6 +126,17 @@ def _print_verify(result) -> None:
     if not result.parity:
         console.print("parity not re-run (--integrity-only); recorded at export: "
                       + ", ".join(f"{k}: {'passed' if v.get('passed') else 'FAILED'}" for k, v in m.parity.items()))
+
+
+def _register() -> None:
+    from gptdeploy.cli_bench import bench
+    from gptdeploy.cli_generate import generate
+
+    for command in (generate, bench):
+        cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

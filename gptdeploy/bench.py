@@ -1,0 +1,265 @@
+"""`gptdeploy bench`: every backend on the same token ids, the same threads, in one run.
+
+Each row (backend x batch x prompt length) runs in its own subprocess
+(`python -m gptdeploy.bench_worker`), so that thread pools never fight, one backend's
+memory never counts against another's, and the `ort` row imports what an application
+would: numpy, onnxruntime, tokenizers, no torch. Decoding is greedy with a fixed number of
+new tokens (EOS does not stop it). Warm-up runs are excluded; figures are the median over
+`runs`, with the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gptdeploy.bundle import Bundle
+from gptdeploy.errors import BackendUnavailable, GenerationError, GptDeployError
+from gptdeploy.runtimes.base import BACKENDS, physical_cores
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("hf", "optimum")
+BENCH_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    bundle: Path
+    backends: tuple[str, ...]  # runtime names, "ort@int8" style when naming a graph
+    batches: tuple[int, ...] = (1,)
+    prompt_lens: tuple[int, ...] = (32,)
+    new_tokens: int = 128
+    runs: int = 3
+    warmup: int = 1
+    threads: int = field(default_factory=physical_cores)
+    baselines: tuple[str, ...] = ()
+    source: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    """One measured configuration. Times in seconds; rates in tokens/s (all rows of the batch)."""
+
+    label: str  # "ort fp32", "torch", "hf (transformers generate)"
+    kind: str  # backend or baseline name
+    graph: str | None
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    load_s: float = 0.0
+    ttft_s: dict = field(default_factory=dict)  # stats over runs
+    decode_tps: dict = field(default_factory=dict)
+    e2e_tps: dict = field(default_factory=dict)
+    token_latency_ms: dict = field(default_factory=dict)  # p50/p90/p99 over every decode step
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    tokens: list[list[int]] = field(default_factory=list)  # generated ids of the last run
+    ratio: dict = field(default_factory=dict)  # decode_tps / ttft vs the first baseline row
+    error: str | None = None
+
+
+def stats(values: list[float]) -> dict:
+    """Median and spread of one figure over runs."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.size == 0:
+        return {}
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
+            "stdev": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+def latency_percentiles(step_seconds: list[float]) -> dict:
+    a = np.asarray(step_seconds, dtype=np.float64) * 1e3
+    if a.size == 0:
+        return {}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def prompt_ids(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    """The same token ids for every backend: seeded, uniform over the tokenizer's vocabulary."""
+    rng = np.random.default_rng(seed + 1000 * length + batch)
+    return rng.integers(0, vocab, size=(batch, length)).tolist()
+
+
+def check_plan(plan: BenchPlan) -> Bundle:
+    """Every bad option is an error before any work."""
+    bundle = Bundle.load(plan.bundle)
+    ctx = bundle.manifest.max_context
+    for b in plan.batches:
+        if b < 1:
+            raise GenerationError(f"batch must be at least 1, got {b}")
+    for p in plan.prompt_lens:
+        if p < 1:
+            raise GenerationError(f"prompt length must be at least 1, got {p}")
+        if p + plan.new_tokens > ctx:
+            raise GenerationError(
+                f"prompt {p} + {plan.new_tokens} new tokens needs {p + plan.new_tokens} positions; "
+                f"the model has {ctx}. Lower --prompt-len or --new-tokens."
+            )
+    if plan.new_tokens < 2:
+        raise GenerationError(f"--new-tokens must be at least 2 (one prefill token, one decode), got {plan.new_tokens}")
+    if plan.runs < 1:
+        raise GenerationError(f"--runs must be at least 1, got {plan.runs}")
+    if plan.threads < 1:
+        raise GenerationError(f"--threads must be at least 1, got {plan.threads}")
+    for spec in plan.backends:
+        name, graph = split_backend(spec)
+        if name not in BACKENDS:
+            raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if problem := BACKENDS[name].missing():
+            raise BackendUnavailable(f"backend {name!r} is unavailable here: {problem}")
+        if graph is not None:
+            bundle.graph(graph)  # names the graphs the bundle has
+    for base in plan.baselines:
+        if base not in BASELINES:
+            raise BackendUnavailable(f"unknown baseline {base!r}; choose from {', '.join(BASELINES)}")
+        if plan.source is None:
+            raise GenerationError(f"--baseline {base} needs --source, the model the bundle was exported from")
+        if not Path(plan.source).exists():
+            raise GenerationError(f"--source {plan.source} does not exist")
+        _check_baseline_available(base)
+    return bundle
+
+
+def _check_baseline_available(base: str) -> None:
+    need = {"hf": ("torch", "transformers"), "optimum": ("torch", "transformers", "optimum")}[base]
+    for module in need:
+        try:
+            metadata.version(module)
+        except metadata.PackageNotFoundError:
+            extra = "pip install optimum[onnxruntime] (it pins transformers < 4.58)" if module == "optimum" else "pip install 'gptdeploy[export]'"
+            raise BackendUnavailable(f"baseline {base!r} needs {module}, which is not installed; {extra}") from None
+
+
+def split_backend(spec: str) -> tuple[str, str | None]:
+    name, _, graph = spec.partition("@")
+    return name, graph or None
+
+
+def default_backends(bundle: Bundle) -> tuple[str, ...]:
+    """Every runtime usable here, `ort` once per graph in the bundle."""
+    out = []
+    for name, backend in BACKENDS.items():
+        if backend.missing() is not None:
+            continue
+        if name.startswith("ort"):
+            out += [f"{name}@{g}" for g in bundle.manifest.graphs]
+        else:
+            out.append(name)
+    return tuple(out)
+
+
+def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """Measure every configuration; rows come back in order. KeyboardInterrupt propagates
+    after `on_row` has seen every finished row (the CLI prints what was measured)."""
+    bundle = check_plan(plan)
+    vocab = bundle.manifest.tokenizer.vocab_size
+    rows: list[Row] = []
+    specs = [(b, None) for b in plan.baselines] + [(None, s) for s in plan.backends]
+    for batch in plan.batches:
+        for plen in plan.prompt_lens:
+            ids = prompt_ids(vocab, batch, plen, plan.seed)
+            for baseline, spec in specs:
+                job = {
+                    "bundle": str(plan.bundle), "baseline": baseline, "backend": spec,
+                    "source": str(plan.source) if plan.source else None, "prompt_ids": ids,
+                    "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
+                    "threads": plan.threads,
+                }
+                row = _run_worker(job)
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+    add_ratios(rows)
+    return rows
+
+
+def _run_worker(job: dict) -> Row:
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptdeploy.bench_worker"], input=json.dumps(job), capture_output=True,
+        text=True, env=env, check=False,
+    )
+    if proc.returncode == 130 or proc.returncode == -2:
+        raise KeyboardInterrupt
+    try:
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:])
+        raise GptDeployError(f"benchmark worker for {job['backend'] or job['baseline']} failed: {tail}") from None
+    return Row(**data)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """Each row's decode tokens/s and TTFT as a ratio to the first baseline row of its configuration
+    (a baseline row if one was measured, else the first row)."""
+    groups: dict[tuple[int, int], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.batch, r.prompt_len), []).append(r)
+    for group in groups.values():
+        base = next((r for r in group if r.kind in BASELINES and not r.error), None) or group[0]
+        for r in group:
+            if r.error or base.error or not r.decode_tps or not base.decode_tps:
+                continue
+            r.ratio = {
+                "vs": base.label,
+                "decode_tps": r.decode_tps["median"] / base.decode_tps["median"],
+                "ttft": r.ttft_s["median"] / base.ttft_s["median"],
+            }
+
+
+def machine_facts(threads: int) -> dict:
+    facts = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "threads": threads,
+        "versions": {},
+        "gpu": None,
+    }
+    for dist in ("gptdeploy", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "optimum", "tensorrt"):
+        try:
+            facts["versions"][dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=False)
+        facts["gpu"] = out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return facts
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def to_json(plan: BenchPlan, rows: list[Row], complete: bool = True) -> dict:
+    return {
+        "schema": BENCH_SCHEMA,
+        "complete": complete,
+        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "machine": machine_facts(plan.threads),
+        "rows": [asdict(r) for r in rows],
+    }

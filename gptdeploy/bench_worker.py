@@ -1,0 +1,161 @@
+"""One benchmark row, in its own process: `python -m gptdeploy.bench_worker < job.json`.
+
+Prints one JSON line (a bench.Row). Imports only what its backend needs, so the `ort` row
+measures what an application embedding gptdeploy would load.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from gptdeploy.bench import Row, latency_percentiles, split_backend, stats
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    from the parent across fork + exec, so every worker would report at least the CLI's size."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: best effort
+
+
+def _summarize(row: Row, runs: list[tuple[float, list[float]]], batch: int) -> None:
+    ttfts = [t for t, _ in runs]
+    decode = [batch * len(steps) / sum(steps) for _, steps in runs]
+    e2e = [batch * (len(steps) + 1) / (t + sum(steps)) for t, steps in runs]
+    row.ttft_s, row.decode_tps, row.e2e_tps = stats(ttfts), stats(decode), stats(e2e)
+    row.token_latency_ms = latency_percentiles([s for _, steps in runs for s in steps])
+
+
+def run_runtime(job: dict) -> Row:
+    from gptdeploy.bundle import Bundle
+    from gptdeploy.runtimes.base import open_runtime
+
+    name, graph = split_backend(job["backend"])
+    bundle = Bundle.load(job["bundle"])
+    entry = bundle.graph(graph)
+    ids = np.asarray(job["prompt_ids"], dtype=np.int64)  # (B, T)
+    B, T = ids.shape
+    n = job["new_tokens"]
+    vocab = bundle.manifest.tokenizer.vocab_size
+    row = Row(f"{name} {entry.name}", name, entry.name, B, T, n)
+    t0 = time.perf_counter()
+    runtime = open_runtime(bundle, name, entry.name, job["threads"])
+    row.load_s = time.perf_counter() - t0
+    masks = [np.ones((B, T + i), dtype=np.int64) for i in range(n)]  # made before timing
+    positions = [np.full((B, 1), T + i, dtype=np.int64) for i in range(n)]
+    pos0 = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+
+    def one_run() -> tuple[float, list[float], list[list[int]]]:
+        start = time.perf_counter()
+        out = runtime.prefill(ids, masks[0], pos0)
+        nxt = out.logits[:, :vocab].argmax(-1)  # (B,) greedy
+        ttft = time.perf_counter() - start
+        tokens, steps = [nxt], []
+        for i in range(1, n):
+            s = time.perf_counter()
+            out = runtime.decode(nxt[:, None].astype(np.int64), masks[i], positions[i - 1])
+            nxt = out.logits[:, :vocab].argmax(-1)
+            steps.append(time.perf_counter() - s)
+            tokens.append(nxt)
+        return ttft, steps, np.stack(tokens, 1).tolist()
+
+    with runtime:
+        for _ in range(job["warmup"]):
+            one_run()
+        runs = [one_run() for _ in range(job["runs"])]
+    _summarize(row, [(t, s) for t, s, _ in runs], B)
+    row.tokens = runs[-1][2]
+    row.peak_rss_mb = _peak_rss_mb()
+    row.peak_gpu_mb = getattr(runtime, "peak_device_mb", None)
+    return row
+
+
+class _StepClock:
+    """A transformers streamer that timestamps every token generate() emits."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.tokens: list[np.ndarray] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt itself
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        self.tokens.append(value.reshape(-1).numpy().copy())
+
+    def end(self) -> None:
+        pass
+
+
+def run_baseline(job: dict) -> Row:
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    ids = torch.tensor(job["prompt_ids"], dtype=torch.int64)
+    B, T = ids.shape
+    n = job["new_tokens"]
+    t0 = time.perf_counter()
+    if job["baseline"] == "hf":
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(job["source"], dtype=torch.float32).eval()
+        row = Row(f"hf (transformers {transformers.__version__} generate)", "hf", None, B, T, n)
+    else:
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = job["threads"], 1
+        model = ORTModelForCausalLM.from_pretrained(job["source"], export=True, session_options=so)
+        row = Row("optimum (ORTModelForCausalLM)", "optimum", None, B, T, n)
+    row.load_s = time.perf_counter() - t0
+    mask = torch.ones_like(ids)
+
+    def one_run():
+        clock = _StepClock()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, streamer=clock, pad_token_id=0)
+        times = [start, *clock.times]
+        steps = [b - a for a, b in zip(times[1:], times[2:])]
+        return times[1] - start, steps, np.stack(clock.tokens, 1).tolist()
+
+    for _ in range(job["warmup"]):
+        one_run()
+    runs = [one_run() for _ in range(job["runs"])]
+    _summarize(row, [(t, s) for t, s, _ in runs], B)
+    row.tokens = runs[-1][2]
+    row.peak_rss_mb = _peak_rss_mb()
+    return row
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+    job = json.loads(sys.stdin.read())
+    try:
+        row = run_baseline(job) if job.get("baseline") else run_runtime(job)
+    except Exception as exc:  # noqa: BLE001 - reported as the row's error, the run goes on
+        label = job.get("backend") or job.get("baseline")
+        B, T = np.asarray(job["prompt_ids"]).shape
+        row = Row(str(label), str(label), None, B, T, job["new_tokens"], error=" ".join(str(exc).split())[:300])
+    print(json.dumps(asdict(row)))
+
+
+if __name__ == "__main__":
+    main()

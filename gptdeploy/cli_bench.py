@@ -1,0 +1,106 @@
+"""`gptdeploy bench`: options in, one library call, a table / JSON / PNG out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from gptdeploy.bench import BenchPlan, Row
+
+
+def _ints(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backends", default="", help="Comma-separated: ort, torch, ort-cuda, tensorrt; ort@int8 names a graph. Default: every one available.")
+@click.option("--batch", "batches", default="1", callback=_ints, help="Batch sizes, comma-separated.")
+@click.option("--prompt-len", "prompt_lens", default="32", callback=_ints, help="Prompt lengths, comma-separated.")
+@click.option("--new-tokens", default=128, show_default=True, help="Tokens generated per run (no early stop).")
+@click.option("--runs", default=3, show_default=True, help="Timed runs per row (median and spread).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=int, help="Threads for every backend. Default: physical cores.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(["hf", "optimum"]), help="Add transformers' generate (hf) or Optimum's ORTModelForCausalLM as baseline rows.")
+@click.option("--source", type=click.Path(path_type=Path), help="The model the bundle was exported from (for baselines).")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure and the machine facts as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG: decode tokens/s and TTFT against prompt length.")
+def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, threads, baselines, source, as_json, plot):
+    """Time BUNDLE on every backend (and optional baselines) with the same inputs, side by side."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from gptdeploy import bench as lib
+    from gptdeploy.bundle import Bundle
+    from gptdeploy.runtimes.base import physical_cores
+
+    names = tuple(b.strip() for b in backends.split(",") if b.strip()) or lib.default_backends(Bundle.load(bundle))
+    plan = BenchPlan(bundle, names, batches, prompt_lens, new_tokens, runs, warmup,
+                     threads or physical_cores(), tuple(baselines), source)
+    lib.check_plan(plan)
+    err = Console(stderr=True)
+    rows: list[Row] = []
+    total = len(batches) * len(prompt_lens) * (len(names) + len(baselines))
+    complete = True
+    try:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("benchmarking", total=total)
+
+            def on_row(row: Row) -> None:
+                rows.append(row)
+                progress.update(task, advance=1, description=f"done: {row.label} b{row.batch} p{row.prompt_len}")
+
+            lib.run_plan(plan, on_row)
+    except KeyboardInterrupt:
+        complete = False
+        lib.add_ratios(rows)
+        err.print(f"[yellow]interrupted: showing the {len(rows)} of {total} rows measured so far[/]")
+    if as_json:
+        click.echo(json.dumps(lib.to_json(plan, rows, complete), indent=2))
+    else:
+        _table(rows, plan)
+    if plot:
+        from gptdeploy.bench_plot import plot_rows
+
+        plot_rows(rows, plot)
+        err.print(f"wrote {plot}")
+
+
+def _fmt(d: dict, key: str = "median", scale: float = 1.0, digits: int = 1) -> str:
+    return f"{d[key] * scale:.{digits}f}" if d else "-"
+
+
+def _table(rows: list[Row], plan: BenchPlan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from gptdeploy.bench import machine_facts
+
+    facts = machine_facts(plan.threads)
+    table = Table(title=f"{plan.bundle} · {facts['cpu']} · {plan.threads} threads · "
+                        f"{plan.new_tokens} new tokens · median of {plan.runs} runs")
+    for col in ("backend", "batch", "prompt", "TTFT ms", "decode tok/s", "token p50/p90/p99 ms",
+                "e2e tok/s", "peak RSS MB", "vs first baseline (tok/s, TTFT)"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in rows:
+        if r.error:
+            table.add_row(r.label, str(r.batch), str(r.prompt_len), "", f"[red]{r.error}[/]", "", "", "", "")
+            continue
+        lat = r.token_latency_ms
+        spread = f" ±{r.decode_tps['stdev']:.1f}" if r.decode_tps.get("n", 0) > 1 else ""
+        table.add_row(
+            r.label, str(r.batch), str(r.prompt_len), _fmt(r.ttft_s, scale=1e3),
+            _fmt(r.decode_tps) + spread,
+            f"{lat['p50']:.1f}/{lat['p90']:.1f}/{lat['p99']:.1f}" if lat else "-",
+            _fmt(r.e2e_tps), f"{r.peak_rss_mb:.0f}",
+            f"{r.ratio['decode_tps']:.2f}x, {r.ratio['ttft']:.2f}x" if r.ratio else "",
+        )
+    import sys
+
+    # Piped into a log or CI dashboard: don't fold the table into 80 columns.
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
