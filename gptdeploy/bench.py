@@ -46,6 +46,9 @@ class BenchPlan:
     baselines: tuple[str, ...] = ()
     source: Path | None = None
     seed: int = 0
+    # Optimum pins transformers < 4.58, so it usually lives in a virtual environment of its
+    # own: the optimum row runs under this interpreter (which needs gptdeploy installed too).
+    optimum_python: str | None = None
 
 
 @dataclass
@@ -129,18 +132,29 @@ def check_plan(plan: BenchPlan) -> Bundle:
             raise GenerationError(f"--baseline {base} needs --source, the model the bundle was exported from")
         if not Path(plan.source).exists():
             raise GenerationError(f"--source {plan.source} does not exist")
-        _check_baseline_available(base)
+        _check_baseline_available(base, plan.optimum_python if base == "optimum" else None)
     return bundle
 
 
-def _check_baseline_available(base: str) -> None:
-    need = {"hf": ("torch", "transformers"), "optimum": ("torch", "transformers", "optimum")}[base]
-    for module in need:
-        try:
-            metadata.version(module)
-        except metadata.PackageNotFoundError:
-            extra = "pip install optimum[onnxruntime] (it pins transformers < 4.58)" if module == "optimum" else "pip install 'gptdeploy[export]'"
-            raise BackendUnavailable(f"baseline {base!r} needs {module}, which is not installed; {extra}") from None
+def _check_baseline_available(base: str, python: str | None) -> None:
+    modules = {"hf": "torch, transformers", "optimum": "torch, transformers, optimum.onnxruntime, gptdeploy"}[base]
+    probe = subprocess.run([python or sys.executable, "-c", f"import {modules}"], capture_output=True, text=True,
+                           check=False) if python or base == "optimum" else None
+    if probe is None:
+        for module in ("torch", "transformers"):
+            try:
+                metadata.version(module)
+            except metadata.PackageNotFoundError:
+                raise BackendUnavailable(
+                    f"baseline {base!r} needs {module}, which is not installed; pip install 'gptdeploy[export]'"
+                ) from None
+    elif probe.returncode != 0:
+        where = python or sys.executable
+        raise BackendUnavailable(
+            f"baseline {base!r} cannot run under {where}: {(probe.stderr.strip().splitlines() or ['?'])[-1]}; "
+            "make a virtual environment with `pip install torch==2.13.0 optimum[onnxruntime]` and gptdeploy "
+            "(--no-deps), and pass its python with --optimum-python"
+        )
 
 
 def split_backend(spec: str) -> tuple[str, str | None]:
@@ -178,7 +192,8 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
                     "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
                     "threads": plan.threads,
                 }
-                row = _run_worker(job)
+                python = plan.optimum_python if baseline == "optimum" else None
+                row = _run_worker(job, python or sys.executable)
                 rows.append(row)
                 if on_row:
                     on_row(row)
@@ -186,10 +201,10 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
     return rows
 
 
-def _run_worker(job: dict) -> Row:
+def _run_worker(job: dict, python: str) -> Row:
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
     proc = subprocess.run(
-        [sys.executable, "-m", "gptdeploy.bench_worker"], input=json.dumps(job), capture_output=True,
+        [python, "-m", "gptdeploy.bench_worker"], input=json.dumps(job), capture_output=True,
         text=True, env=env, check=False,
     )
     if proc.returncode == 130 or proc.returncode == -2:

@@ -28,9 +28,11 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--threads", type=int, help="Threads for every backend. Default: physical cores.")
 @click.option("--baseline", "baselines", multiple=True, type=click.Choice(["hf", "optimum"]), help="Add transformers' generate (hf) or Optimum's ORTModelForCausalLM as baseline rows.")
 @click.option("--source", type=click.Path(path_type=Path), help="The model the bundle was exported from (for baselines).")
+@click.option("--optimum-python", type=click.Path(dir_okay=False), help="Python with optimum[onnxruntime] installed, for --baseline optimum (Optimum pins transformers < 4.58; keep it in its own venv).")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure and the machine facts as JSON.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG: decode tokens/s and TTFT against prompt length.")
-def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, threads, baselines, source, as_json, plot):
+def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, threads, baselines, source,
+          optimum_python, as_json, plot):
     """Time BUNDLE on every backend (and optional baselines) with the same inputs, side by side."""
     from rich.console import Console
     from rich.progress import Progress
@@ -41,7 +43,7 @@ def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, thre
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip()) or lib.default_backends(Bundle.load(bundle))
     plan = BenchPlan(bundle, names, batches, prompt_lens, new_tokens, runs, warmup,
-                     threads or physical_cores(), tuple(baselines), source)
+                     threads or physical_cores(), tuple(baselines), source, optimum_python=optimum_python)
     lib.check_plan(plan)
     err = Console(stderr=True)
     rows: list[Row] = []
