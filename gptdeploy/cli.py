@@ -130,9 +130,10 @@ def _print_verify(result) -> None:
 
 def _register() -> None:
     from gptdeploy.cli_bench import bench
+    from gptdeploy.cli_engine import build_engine, doctor
     from gptdeploy.cli_generate import generate
 
-    for command in (generate, bench):
+    for command in (generate, bench, build_engine, doctor):
         cli.add_command(command)
 
 
