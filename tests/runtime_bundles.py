@@ -15,7 +15,6 @@ from pathlib import Path
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import GraphEntry, Manifest, TokenizerEntry
-
 from tests.factories import make_hf_gpt2_dir
 
 GRAPH_FILE = "model.onnx"
@@ -32,8 +31,8 @@ class Made:
 # Two random-init GPT-2s: the factory default (vocab = tokenizer's 297), and a wider one whose
 # 320 embedding rows leave 23 padding columns that must never be sampled (as nanoGPT's 50304).
 CONFIGS = {
-    "small": dict(n_layer=2, n_head=2, n_embd=32, n_positions=128, seed=0),
-    "padded": dict(n_layer=3, n_head=4, n_embd=64, vocab_size=320, n_positions=96, seed=1),
+    "small": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128, "seed": 0},
+    "padded": {"n_layer": 3, "n_head": 4, "n_embd": 64, "vocab_size": 320, "n_positions": 96, "seed": 1},
 }
 
 _ROOT: Path | None = None
@@ -62,6 +61,7 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     """export_bundle's layout and manifest, without its parity run."""
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
+
     from gptdeploy.modeling import GPT, load_state
 
     source = load_source(source_dir)
@@ -75,7 +75,9 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     manifest = Manifest(
         config=source.config,
         graphs={"fp32": GraphEntry("fp32", GRAPH_FILE, "fp32", sig, data_file)},
-        tokenizer=TokenizerEntry(TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id),
+        tokenizer=TokenizerEntry(
+            TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
+        ),
         files={f: bundle_mod.sha256_file(out / f) for f in files},
         source={"kind": source.kind},
     )

@@ -1,0 +1,132 @@
+"""`gptdeploy generate`: text from a bundle. Registered on the group in gptdeploy/cli.py.
+
+Library errors (GptDeployError) propagate to the group, which prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from gptdeploy.errors import GenerationError
+
+
+def read_prompt(prompt: str) -> str:
+    """PROMPT itself, or stdin for "-" (UTF-8; one trailing newline dropped, as `echo` adds it)."""
+    if prompt != "-":
+        return prompt
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:
+        raise GenerationError("PROMPT is '-' but there is no stdin to read it from")
+    data = stdin.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GenerationError(
+            f"stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); pipe UTF-8 text"
+        ) from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample.")
+@click.option(
+    "--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0: off)."
+)
+@click.option(
+    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1] (1: off)."
+)
+@click.option(
+    "--repetition-penalty", type=float, default=1.0, show_default=True, help="> 1 discourages repeats."
+)
+@click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+@click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda, tensorrt or torch.")
+@click.option("--graph", help="Graph of the bundle to run (default: fp32).")
+@click.option("--threads", type=int, help="CPU threads (default: physical cores).")
+@click.option("--stream", is_flag=True, help="Print text as it is generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
+@click.option(
+    "--no-verify-hashes", is_flag=True, help="Skip the SHA-256 check of bundle files (large bundles)."
+)
+def generate(
+    bundle: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    backend: str,
+    graph: str | None,
+    threads: int | None,
+    stream: bool,
+    as_json: bool,
+    no_verify_hashes: bool,
+) -> None:
+    """Generate text from BUNDLE for PROMPT ("-" reads the prompt from stdin)."""
+    from gptdeploy.generate import Generator  # numpy + onnxruntime only, and only when generating
+
+    if stream and as_json:
+        raise click.BadParameter("--stream and --json cannot be combined", param_hint="--json")
+    text = read_prompt(prompt)
+    with Generator.load(
+        bundle, backend=backend, graph=graph, threads=threads, verify_hashes=not no_verify_hashes
+    ) as gen:
+        run = gen.stream if stream else gen.generate
+        out = run(
+            text,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            stop=stop,
+        )
+        if stream:
+            with out as pieces:
+                for piece in pieces:
+                    click.echo(piece, nl=False)
+                click.echo()
+                result = pieces.result
+        else:
+            result = out
+            if as_json:
+                click.echo(
+                    json.dumps(
+                        {
+                            "text": result.text,
+                            "token_ids": result.token_ids,
+                            "prompt_token_ids": result.prompt_token_ids,
+                            "finish_reason": result.finish_reason,
+                            "timings": result.timings.to_dict(),
+                            "sampling": dataclasses.asdict(result.sampling),
+                            "backend": gen.runtime.name,
+                            "graph": gen.runtime.graph.name,
+                        },
+                        ensure_ascii=False,
+                        indent=2,
+                    )
+                )
+                return
+            click.echo(result.text)
+    t = result.timings
+    seed = "" if result.sampling.greedy else f", seed {result.sampling.seed}"
+    click.echo(
+        f"[{t.tokens} tokens, {result.finish_reason}; first token {t.time_to_first_token_s * 1e3:.0f} ms, "
+        f"{t.decode_tokens_per_s:.1f} tokens/s; {gen.runtime.name}{seed}]",
+        err=True,
+    )
+
+
+__all__ = ["generate", "read_prompt"]

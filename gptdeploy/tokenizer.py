@@ -1,0 +1,110 @@
+"""The bundle's tokenizer (`tokenizers` JSON) and incremental detokenization for streaming.
+
+Torch-free and transformers-free: only the `tokenizers` library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tokenizers
+
+from gptdeploy.bundle import Bundle, TokenizerEntry
+from gptdeploy.errors import BundleError, GenerationError
+
+REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode makes of an incomplete byte sequence
+
+
+class Tokenizer:
+    """Text <-> token ids, with the special ids the manifest declares."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, entry: TokenizerEntry):
+        self._tok = tok
+        self.entry = entry
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> Tokenizer:
+        entry = bundle.manifest.tokenizer
+        path = bundle.file(entry.file)
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare `Exception` for every parse error
+            raise BundleError(f"cannot read tokenizer {entry.file!r}: {str(exc).splitlines()[0]}") from None
+        have = tok.get_vocab_size(with_added_tokens=True)
+        rows = bundle.config.vocab_size
+        if have > rows:
+            raise BundleError(
+                f"tokenizer {entry.file!r} has {have} tokens but the model has only {rows} embedding rows; "
+                "the bundle pairs a tokenizer with the wrong model"
+            )
+        return cls(tok, entry)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce; logits columns from here on are padding and never sampled."""
+        return self.entry.vocab_size
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.entry.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """Fed at left-padded positions (masked out, so any valid id works)."""
+        for candidate in (self.entry.pad_token_id, self.entry.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens only where the tokenizer's own post-processor adds them."""
+        if not isinstance(text, str):
+            raise GenerationError(f"a prompt must be a string, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens kept (an audit must show what the model produced)."""
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+class IncrementalDecoder:
+    """Turns a growing id sequence into text pieces that never split a character.
+
+    Byte-level BPE cuts a CJK character's three UTF-8 bytes across tokens, so decoding one
+    token alone yields U+FFFD. We decode a short window and release its new text only once it
+    no longer ends in U+FFFD (the approach of Hugging Face TGI and vLLM). A few tokens of
+    context before the first generated one keep tokenizers that drop a leading space on the
+    first token (SentencePiece's Metaspace) from doing so mid-sentence.
+    """
+
+    CONTEXT = 4  # prompt tokens kept as left context
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
+        self._tok = tokenizer
+        self._ids = list(context[-self.CONTEXT :]) if self.CONTEXT else []
+        self._prefix = 0  # window start
+        self._read = len(self._ids)  # end of the ids whose text was already released
+        self._prefix_text = tokenizer.decode(self._ids) if self._ids else ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (often "", never a broken character)."""
+        self._ids.append(token_id)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """Release whatever is held back (an invalid byte sequence stays U+FFFD)."""
+        return self._release(final=True) if self._read < len(self._ids) else ""
+
+    def _release(self, final: bool) -> str:
+        text = self._tok.decode(self._ids[self._prefix :])
+        if len(text) <= len(self._prefix_text) or (text.endswith(REPLACEMENT) and not final):
+            if final:  # the held bytes decode to nothing visible
+                self._read = len(self._ids)
+            return ""
+        piece = text[len(self._prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        return piece

@@ -1,0 +1,114 @@
+"""The `torch` runtime: the canonical module (gptdeploy.modeling.GPT) run directly; the reference.
+
+A bundle carries no torch checkpoint, so the weights come from the graph's initializers.
+They are found by the graph's structure, not only by initializer name: the tracer stores
+identical tensors once (every LayerNorm weight of a fresh model is the same ones-vector),
+so `h.1.ln_1.weight` may exist only as an input of node `/m/h.1/ln_1/LayerNormalization`.
+Linear weights are stored [in, out] (MatMul) and transposed back into nn.Linear's [out, in].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
+from onnx import numpy_helper
+
+from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.errors import BundleError, SourceError
+from gptdeploy.modeling import GPT, load_state
+
+log = logging.getLogger(__name__)
+
+
+def graph_state_dict(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Canonical state dict (module path -> float32 array) read from an exported graph."""
+    g = proto.graph
+    values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    for node in g.node:  # deduplicated weights reappear as Identity outputs
+        if node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    state: dict[str, np.ndarray] = {}
+    for node in g.node:
+        module = _module_path(node.name)
+        consts = [n for n in node.input if n in values]
+        if not consts or not module:
+            continue
+        if node.op_type == "Gather":  # wte / wpe lookups
+            state[f"{module}.weight"] = values[node.input[0]]
+        elif node.op_type == "LayerNormalization":
+            state[f"{module}.weight"] = values[node.input[1]]
+            if len(node.input) > 2 and node.input[2] in values:
+                state[f"{module}.bias"] = values[node.input[2]]
+        elif node.op_type == "MatMul" and node.input[1] in values:
+            state[f"{module}.weight"] = values[node.input[1]].T  # [in, out] -> nn.Linear [out, in]
+        elif node.op_type == "Add" and len(consts) == 1 and module.endswith(("c_attn", "c_proj", "c_fc")):
+            state[f"{module}.bias"] = values[consts[0]]
+    return {k: np.array(v, dtype=np.float32) for k, v in state.items()}  # writable copies for torch
+
+
+def _module_path(node_name: str) -> str:
+    """`/m/h.0/attn/c_attn/MatMul` -> `h.0.attn.c_attn` (the exporter wraps GPT as `m`)."""
+    parts = node_name.strip("/").split("/")[:-1]
+    if parts and parts[0] == "m":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+class TorchRuntime(RuntimeBase):
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None):
+        super().__init__(bundle, graph)
+        path = bundle.file(graph.file)
+        try:
+            proto = onnx.load(str(path))  # external data, when present, sits next to the graph
+        except (OSError, ValueError, DecodeError) as exc:
+            raise BundleError(f"cannot read graph {graph.file!r}: {exc}") from None
+        model = GPT(bundle.config)
+        state = graph_state_dict(proto)
+        try:
+            load_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
+        except SourceError as exc:
+            raise BundleError(
+                f"the torch runtime cannot rebuild the model from graph {graph.name!r} ({exc}); "
+                "use the fp32 graph (--graph fp32)"
+            ) from None
+        self.model = model.eval()
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
+        self._past: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _prefill(self, input_ids, attention_mask, position_ids, record_attention) -> StepOutput:
+        return self._run(
+            input_ids,
+            attention_mask,
+            position_ids,
+            self.model.empty_past(input_ids.shape[0]),
+            record_attention,
+        )
+
+    def _decode(self, next_ids, attention_mask, position_ids, record_attention) -> StepOutput:
+        return self._run(next_ids, attention_mask, position_ids, self._past, record_attention)
+
+    def _run(self, ids, mask, pos, past, record_attention) -> StepOutput:
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        with torch.inference_mode():
+            logits, presents, attentions = self.model(t(ids), t(mask), t(pos), past, last_logits_only=True)
+        self._past = presents
+        atts = [a.float().numpy() for a in attentions] if record_attention else None  # (B, nh, T, P+T)
+        return StepOutput(logits=logits[:, -1, :].float().numpy(), attentions=atts)  # (B, V)
+
+    def _drop_cache(self) -> None:
+        self._past = []
+
+    def _release(self) -> None:
+        self.model = None
+
+
+def open_runtime(bundle: Bundle, graph: GraphEntry, threads: int | None) -> TorchRuntime:
+    return TorchRuntime(bundle, graph, threads)
