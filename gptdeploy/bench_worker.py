@@ -30,12 +30,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: best effort
 
 
-def _summarize(row: Row, runs: list[tuple[float, list[float]]], batch: int) -> None:
-    ttfts = [t for t, _ in runs]
-    decode = [batch * len(steps) / sum(steps) for _, steps in runs]
-    e2e = [batch * (len(steps) + 1) / (t + sum(steps)) for t, steps in runs]
+def _measure(row: Row, one_run, job: dict) -> Row:
+    """Warm up, time `runs` runs, and fill `row`. `one_run() -> (ttft_s, decode step seconds, tokens)`."""
+    for _ in range(job["warmup"]):
+        one_run()
+    runs = [one_run() for _ in range(job["runs"])]
+    ttfts = [t for t, _, _ in runs]
+    decode = [row.batch * len(steps) / sum(steps) for _, steps, _ in runs]
+    e2e = [row.batch * (len(steps) + 1) / (t + sum(steps)) for t, steps, _ in runs]
     row.ttft_s, row.decode_tps, row.e2e_tps = stats(ttfts), stats(decode), stats(e2e)
-    row.token_latency_ms = latency_percentiles([s for _, steps in runs for s in steps])
+    row.token_latency_ms = latency_percentiles([s for _, steps, _ in runs for s in steps])
+    row.tokens = runs[-1][2]
+    row.peak_rss_mb = _peak_rss_mb()
+    return row
 
 
 def run_runtime(job: dict) -> Row:
@@ -72,12 +79,7 @@ def run_runtime(job: dict) -> Row:
         return ttft, steps, np.stack(tokens, 1).tolist()
 
     with runtime:
-        for _ in range(job["warmup"]):
-            one_run()
-        runs = [one_run() for _ in range(job["runs"])]
-    _summarize(row, [(t, s) for t, s, _ in runs], B)
-    row.tokens = runs[-1][2]
-    row.peak_rss_mb = _peak_rss_mb()
+        _measure(row, one_run, job)
     row.peak_gpu_mb = getattr(runtime, "peak_device_mb", None)
     return row
 
@@ -136,13 +138,7 @@ def run_baseline(job: dict) -> Row:
         steps = [b - a for a, b in zip(times[1:], times[2:])]
         return times[1] - start, steps, np.stack(clock.tokens, 1).tolist()
 
-    for _ in range(job["warmup"]):
-        one_run()
-    runs = [one_run() for _ in range(job["runs"])]
-    _summarize(row, [(t, s) for t, s, _ in runs], B)
-    row.tokens = runs[-1][2]
-    row.peak_rss_mb = _peak_rss_mb()
-    return row
+    return _measure(row, one_run, job)
 
 
 def main() -> None:
