@@ -56,6 +56,11 @@ def read_prompt(prompt: str) -> str:
 @click.option(
     "--no-verify-hashes", is_flag=True, help="Skip the SHA-256 check of bundle files (large bundles)."
 )
+@click.option(
+    "--audit", "audit_log", type=click.Path(path_type=Path),
+    help="Append an audit record (prompt, output, sampling, model, attention of every layer and head) to this log.",
+)
+@click.option("--audit-float32", is_flag=True, help="Store audited attention as float32 (exact; ~2x the float16 size).")
 def generate(
     bundle: Path,
     prompt: str,
@@ -72,6 +77,8 @@ def generate(
     stream: bool,
     as_json: bool,
     no_verify_hashes: bool,
+    audit_log: Path | None,
+    audit_float32: bool,
 ) -> None:
     """Generate text from BUNDLE for PROMPT ("-" reads the prompt from stdin)."""
     from gptdeploy.generate import Generator  # numpy + onnxruntime only, and only when generating
@@ -92,6 +99,7 @@ def generate(
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
+            record_attention=audit_log is not None,
         )
         if stream:
             with out as pieces:
@@ -101,6 +109,12 @@ def generate(
                 result = pieces.result
         else:
             result = out
+        if audit_log is not None:
+            from gptdeploy.audit import AuditOptions, append_generation
+
+            append_generation(audit_log, gen, result, max_new_tokens=max_new_tokens, stop=stop,
+                              options=AuditOptions(dtype="float32" if audit_float32 else "float16"))
+        if not stream:
             if as_json:
                 click.echo(
                     json.dumps(

@@ -166,13 +166,17 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        record_attention: bool = False,
     ) -> TextStream:
         """Text pieces as they are generated; they concatenate to `generate(...)`'s text and never
-        split a character. Arguments are checked now; the work runs while you iterate."""
+        split a character. Arguments are checked now; the work runs while you iterate; the
+        finished stream's `.result` holds the whole result (with attention when recorded)."""
         if not isinstance(prompt, str):
             raise GenerationError("stream takes one prompt string; use generate() for a batch")
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        req = self._request([self._encode(prompt)], max_new_tokens, sampling, stop, stop_token_ids, False)
+        req = self._request(
+            [self._encode(prompt)], max_new_tokens, sampling, stop, stop_token_ids, record_attention
+        )
         return TextStream(self, replace(req, stream=True))
 
     def close(self) -> None:
