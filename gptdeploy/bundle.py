@@ -33,6 +33,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib")
+
+
+def pickle_kind(relative: str, path: Path) -> str | None:
+    """Why `path` looks like a pickle (by name, pickle header, or torch.save's zip), or None.
+
+    Not applied to external tensor data: raw weights may begin with any bytes."""
+    if relative.lower().endswith(PICKLE_SUFFIXES):
+        return f"named like a pickle ({Path(relative).suffix})"
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        if not head:
+            return None
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    # Protocol 2-5 pickles open with PROTO (0x80, version) and end with STOP ('.').
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and last == b".":
+        return f"a pickle (protocol {head[1]})"
+    if head.startswith(b"PK\x03\x04") and b".pkl" in head[:512]:
+        return "a torch.save archive (a zip holding a pickle)"
+    return None
+
+
 def confined(root: Path, relative: str) -> Path:
     """Resolve `relative` inside `root`, refusing absolute paths, `..` and escaping symlinks."""
     if not isinstance(relative, str) or not relative:
@@ -83,7 +106,10 @@ class GraphEntry:
                 attentions=bool(d["attentions"]),
                 last_logits_only=bool(d["last_logits_only"]),
             )
-            return cls(name, str(d["file"]), str(d["precision"]), sig, d.get("data_file"))
+            data_file = d.get("data_file")
+            if data_file is not None and not isinstance(data_file, str):
+                raise TypeError(f"data_file must be a file name, got {data_file!r}")
+            return cls(name, str(d["file"]), str(d["precision"]), sig, data_file)
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest graph {name!r} is malformed: missing or bad field {exc}") from None
 
@@ -190,7 +216,7 @@ class Manifest:
             source=_obj(d.get("source", {})),
             tools=_obj(d.get("tools", {})),
             parity=_obj(d.get("parity", {})),
-            engines=list(d.get("engines", []) or []),
+            engines=_list(d.get("engines", []), "engines"),
             created=str(d.get("created", "")),
         )
 
@@ -203,6 +229,14 @@ def _int(v: object, what: str) -> int:
 
 def _opt_int(v: object, what: str) -> int | None:
     return None if v is None else _int(v, what)
+
+
+def _list(v: object, what: str) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise BundleError(f"manifest field {what} must be a list, got {type(v).__name__}")
+    return list(v)
 
 
 def _obj(v: object) -> dict:
@@ -248,17 +282,61 @@ class Bundle:
         unlisted = sorted(needed - set(m.files))
         if unlisted:
             raise BundleError(f"manifest does not list a SHA-256 for {', '.join(unlisted)}")
-        problems = []
-        for rel, digest in sorted(m.files.items()):
-            target = confined(self.path, rel)
-            if not target.is_file():
-                problems.append(f"{rel} is missing")
-            elif verify_hashes and sha256_file(target) != digest:
-                problems.append(f"{rel} does not match its SHA-256 (altered or corrupt)")
-        if problems:
-            raise BundleError(f"bundle {self.path}: " + "; ".join(problems))
-        if not verify_hashes:
+        targets = {rel: confined(self.path, rel) for rel in sorted(m.files)}
+        missing = [f"{rel} is missing" for rel, target in targets.items() if not target.is_file()]
+        if missing:
+            raise BundleError(f"bundle {self.path}: " + "; ".join(missing))
+        # Before any hash is read, and so before any runtime opens a graph: nothing may point
+        # outside the bundle, and nothing in it may be a pickle (style rule 9).
+        data_files = self._check_graph_refs() | {g.data_file for g in m.graphs.values() if g.data_file}
+        for rel, target in targets.items():
+            try:
+                why = None if rel in data_files else pickle_kind(rel, target)
+            except OSError as exc:
+                raise BundleError(f"cannot read bundle file {rel!r}: {exc.strerror or exc}") from None
+            if why:
+                raise BundleError(f"bundle file {rel!r} is {why}; a bundle holds no pickles (nothing may execute on load)")
+        if verify_hashes:
+            altered = [rel for rel, target in targets.items() if sha256_file(target) != m.files[rel]]
+            if altered:
+                raise BundleError(f"bundle {self.path}: " + "; ".join(
+                    f"{rel} does not match its SHA-256 (altered or corrupt)" for rel in altered))
+        else:
             log.warning("bundle %s: SHA-256 of %d files not checked (verify_hashes=False)", self.path, len(m.files))
+
+    def _check_graph_refs(self) -> set[str]:
+        """Check every external-data location of every graph; returns them, bundle-relative."""
+        from gptdeploy.graph_refs import GraphParseError, external_data_refs
+
+        found: set[str] = set()
+        for rel in sorted({g.file for g in self.manifest.graphs.values()}):
+            try:
+                refs = external_data_refs(confined(self.path, rel))
+            except GraphParseError as exc:
+                # Not protobuf at all: onnxruntime cannot parse it either, and says so when it
+                # opens the graph (test_bundle's stand-in graphs are such files).
+                log.debug("graph %s is not protobuf (%s); no external data to check", rel, exc)
+                continue
+            except OSError as exc:
+                raise BundleError(f"cannot read graph {rel!r}: {exc.strerror or exc}") from None
+            for ref in refs:
+                found.add(self._check_ref(rel, ref.tensor, ref.location))
+        return found
+
+    def _check_ref(self, graph: str, tensor: str, location: str) -> str:
+        where = f"graph {graph!r} tensor {tensor!r} reads external data from {location!r}"
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+            raise BundleError(f"{where}, an absolute or empty path; external data must stay inside the bundle")
+        if ".." in Path(location).parts or "\\" in location:
+            raise BundleError(f"{where}, which leaves the bundle directory")
+        rel = (Path(graph).parent / location).as_posix()
+        try:
+            confined(self.path, rel)
+        except BundleError:
+            raise BundleError(f"{where}, which resolves outside the bundle (symlink?)") from None
+        if rel not in self.manifest.files:
+            raise BundleError(f"{where}, a file the manifest does not list (so its SHA-256 is unchecked)")
+        return rel
 
     def file(self, relative: str) -> Path:
         return confined(self.path, relative)
