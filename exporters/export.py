@@ -22,8 +22,9 @@ import numpy as np
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import Bundle, GraphEntry, Manifest, TokenizerEntry
-from gptdeploy.errors import ExportError, ParityError
-from gptdeploy.parity import GREEDY_STEPS, ParityReport, check_parity
+from gptdeploy.errors import ExportError
+from gptdeploy.exporters.agreement import AgreementReport
+from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,27 @@ PARITY_TEXTS = ("Once upon a time, there was", "他喜欢吃苹果。", "The 3 d
 PARITY_STEPS_MIN = 8
 
 
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """What kind of graph to build; the manifest records each of these."""
+
+    precision: str = "fp32"
+    attentions: bool = True  # audit graphs return attention probabilities
+    last_logits_only: bool = True  # prefill computes logits at the last position only
+
+    @property
+    def fused(self) -> bool:
+        """CPU graphs without attention outputs are fused; fp16 graphs stay standard ONNX for TensorRT."""
+        return not self.attentions and self.precision != "fp16"
+
+
 @dataclass
 class ExportResult:
     bundle: Bundle
-    parity: ParityReport
+    parity: ParityReport | AgreementReport  # the shipped graph's: against the source, or (int8/int4) the fp32 graph
 
 
 def tool_versions() -> dict[str, str]:
@@ -86,13 +104,26 @@ def export_bundle(
     *,
     tokenizer: Path | None = None,
     force: bool = False,
+    precision: str = "fp32",
     attentions: bool = True,
+    last_logits_only: bool = True,
+    eval_text: Path | None = None,
     external_data: bool | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
-    """Export `source_path` to a bundle at `out`; raises ParityError (nothing written) if parity fails."""
+    """Export `source_path` to a bundle at `out`; raises ParityError (nothing written) if parity fails.
+
+    precision: "fp32"; "fp16" (for GPUs / TensorRT); "int8" or "int4" (for CPUs). Graphs without
+    attention outputs, other than fp16, are fused for onnxruntime (see exporters/fusion.py).
+    last_logits_only: the graph returns logits for the last position only, which is all that
+    generation reads; False keeps every position's (for scoring text).
+    eval_text: held-out text for the perplexity check of int8/int4 (see exporters/evaltext.py).
+    """
     from gptdeploy.exporters.sources import load_source
 
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    options = GraphOptions(precision, attentions, last_logits_only)
     stage = on_stage or (lambda s: log.info("%s", s))
     out = Path(out)
     _check_output_dir(out, force)
@@ -100,7 +131,7 @@ def export_bundle(
     source = load_source(Path(source_path), tokenizer=tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        report = _write_bundle(source, tmp, attentions, external_data, stage)
+        report = _write_bundle(source, tmp, options, external_data, eval_text, stage)
         _move_into_place(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,54 +144,29 @@ def export_bundle(
     return ExportResult(Bundle.load(out), report)
 
 
-def _write_bundle(source, tmp: Path, attentions: bool, external_data: bool | None, stage) -> ParityReport:
-    import onnxruntime as ort
-    import torch
+def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_text, stage):
+    from gptdeploy.exporters.variants import build_graph
 
-    from gptdeploy.exporters.onnx import export_onnx
-    from gptdeploy.modeling import GPT, load_state
-
-    cfg = source.config
-    with torch.device("cpu"):
-        model = GPT(cfg)
-    load_state(model, source.state)
-    model.eval()
-    stage(f"tracing {cfg.n_layer}-layer model to ONNX")
-    sig, data_file = export_onnx(model, tmp / GRAPH_FILE, attentions=attentions, external_data=external_data)
-    del model
-    (tmp / TOKENIZER_FILE).write_text(source.tokenizer.json, encoding="utf-8")
-
-    stage("checking parity against the source framework")
-    reference = source.reference()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(tmp / GRAPH_FILE), opts, providers=["CPUExecutionProvider"])
-    prompts = parity_prompts(source.tokenizer.json, source.tokenizer.vocab_size, cfg.block_size)
-    steps = min(GREEDY_STEPS, cfg.block_size - max(len(p) for p in prompts))
-    report = check_parity(
-        session, sig, reference, prompts, pad_id=source.tokenizer.pad_token_id or 0,
-        greedy_steps=steps, vocab_limit=source.tokenizer.vocab_size,
-    )
-    del session, reference
-    if not report.passed:
-        raise ParityError(f"parity failed against {report.reference}: {report.describe_failures()}", report)
+    cfg, tok = source.config, source.tokenizer
+    built = build_graph(source, options, tmp / GRAPH_FILE, external_data=external_data, eval_text=eval_text, stage=stage)
+    (tmp / TOKENIZER_FILE).write_text(tok.json, encoding="utf-8")
 
     stage("writing manifest")
-    files = [GRAPH_FILE, TOKENIZER_FILE] + ([data_file] if data_file else [])
-    tok = source.tokenizer
+    name = options.precision
+    files = [GRAPH_FILE, TOKENIZER_FILE] + ([built.data_file] if built.data_file else [])
     manifest = Manifest(
         config=cfg,
-        graphs={"fp32": GraphEntry("fp32", GRAPH_FILE, "fp32", sig, data_file)},
+        graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file)},
         tokenizer=TokenizerEntry(TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id),
         files={f: bundle_mod.sha256_file(tmp / f) for f in files},
         source={"kind": source.kind, "path": str(Path(source.path).resolve()), **source.description},
         tools=tool_versions(),
-        parity={"fp32": report.to_dict()},
+        parity={name: built.report.to_dict() | {"graph": built.graph_info}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     bundle_mod.write_manifest(tmp, manifest)
     _fsync_tree(tmp)
-    return report
+    return built.report
 
 
 def _fsync_tree(root: Path) -> None:

@@ -71,7 +71,8 @@ def _example_inputs(model: GPT, sig: GraphSignature) -> tuple[torch.Tensor, ...]
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
     kv = (B, sig.kv_heads, P, sig.head_dim)
-    past = [torch.randn(kv, generator=g) for _ in sig.past_names()]
+    dtype = getattr(torch, sig.kv_dtype)
+    past = [torch.randn(kv, generator=g).to(dtype) for _ in sig.past_names()]
     return (ids, mask, pos, *past)
 
 
@@ -95,7 +96,8 @@ def export_onnx(
     external_data None: only when the weights pass protobuf's 2 GB limit; True forces it.
     """
     model = model.eval()
-    sig = signature_for(model, attentions=attentions, last_logits_only=last_logits_only)
+    kv_dtype = str(model.wte.weight.dtype).removeprefix("torch.")  # "float32", or "float16" after to_fp16
+    sig = signature_for(model, attentions=attentions, last_logits_only=last_logits_only, kv_dtype=kv_dtype)
     inputs = [s.name for s in sig.inputs()]
     outputs = [s.name for s in sig.outputs()]
     path = Path(path)
@@ -117,8 +119,17 @@ def export_onnx(
         )
     proto = onnx.load(str(tmp_path))
     _cleanup_trace_files(tmp_path, proto)
-    _tie_lm_head(proto, model)
+    _tie_lm_head(proto)
     _name_weights(proto)
+    return sig, save_graph(proto, path, external_data)
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> str | None:
+    """Write `proto` to `path`; returns the external-data file name, or None.
+
+    external_data None: only when the weights pass protobuf's 2 GB limit; True forces it.
+    """
+    path = Path(path)
     weight_bytes = sum(_nbytes(t) for t in proto.graph.initializer)
     if external_data is None:
         external_data = weight_bytes > PROTO_LIMIT - (64 << 20)  # leave room for the graph itself
@@ -132,7 +143,7 @@ def export_onnx(
     else:
         onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=False)
-    return sig, data_file
+    return data_file
 
 
 def _cleanup_trace_files(trace_path: Path, proto: onnx.ModelProto) -> None:
@@ -154,32 +165,39 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _tie_lm_head(proto: onnx.ModelProto, model: GPT) -> None:
+def _tie_lm_head(proto: onnx.ModelProto) -> None:
     """Store the tied embedding once.
 
-    The tracer constant-folds `wte.T` into a second initializer for the lm_head MatMul
-    (Optimum's GPT-2 export carries both: 652 MB instead of ~500 MB). We point that
-    node at `wte` itself as Gemm(transB=1), which onnxruntime and TensorRT run without
-    materialising the transpose.
+    The tracer constant-folds `wte.T` (in an fp16 model `wte.float().T`) into a second
+    initializer for the lm_head MatMul (Optimum's GPT-2 export carries both: 652 MB instead
+    of ~500 MB). We point that node at `wte` itself as Gemm(transB=1), which onnxruntime and
+    TensorRT run without materialising the transpose; an fp16 `wte` is read through a Cast,
+    so the logits are still computed in fp32 from the one stored matrix.
     ::
-        x (B*T, C) ──MatMul── wte_T (C, V)      =>      x (B*T, C) ──Gemm(transB=1)── wte (V, C)
+        x (B*T, C) ──MatMul── wte_T (C, V)   =>   x (B*T, C) ──Gemm(transB=1)── [Cast fp32] ── wte (V, C)
     """
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    wte_name = next(n for n, t in inits.items() if n.endswith("wte.weight"))
-    wte = model.wte.weight.detach().numpy()
+    wte_name = next(n for n in inits if n.endswith("wte.weight"))
+    wte = numpy_helper.to_array(inits[wte_name])  # (V, C) in the model dtype
     for i, node in enumerate(g.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         cand = inits[node.input[1]]
-        if tuple(cand.dims) != wte.T.shape or not np.array_equal(numpy_helper.to_array(cand), wte.T):
+        if tuple(cand.dims) != wte.T.shape:
             continue
-        gemm = helper.make_node(
-            "Gemm", [node.input[0], wte_name], list(node.output), name=node.name.replace("MatMul", "lm_head"),
-            transB=1,
-        )
+        folded = numpy_helper.to_array(cand)  # (C, V)
+        if not np.array_equal(folded, wte.T.astype(folded.dtype)):
+            continue
+        name = node.name.replace("MatMul", "lm_head")
+        weight, nodes = wte_name, []
+        if folded.dtype != wte.dtype:
+            weight = f"{name}/Cast_output_0"
+            nodes.append(helper.make_node("Cast", [wte_name], [weight], name=f"{name}/Cast", to=cand.data_type))
+        nodes.append(helper.make_node("Gemm", [node.input[0], weight], list(node.output), name=name, transB=1))
         g.node.remove(node)
-        g.node.insert(i, gemm)
+        for j, new in enumerate(nodes):
+            g.node.insert(i + j, new)
         g.initializer.remove(cand)
         return
     raise RuntimeError("lm_head MatMul on the transposed embedding not found; exporter changed?")
@@ -225,4 +243,4 @@ def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
     return problems
 
 
-__all__ = ["export_onnx", "graph_io_problems", "signature_for", "OPSET"]
+__all__ = ["export_onnx", "graph_io_problems", "save_graph", "signature_for", "OPSET"]

@@ -1,20 +1,27 @@
-"""Re-check a bundle: integrity, graph IO against the contract, and parity against its source."""
+"""Re-check a bundle: integrity, graph IO against the contract, and parity against its source.
+
+Each graph is judged the way export judged it: fp32 with onnxruntime against the source
+framework; fp16 with the CPU evaluator that computes in fp16 (and its static fp32-island
+check); int8/int4 against an fp32 graph rebuilt from the source (itself checked against the
+source first) with the same agreement measures and held-out text.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptdeploy.bundle import Bundle
-from gptdeploy.errors import BundleError, SourceError
-from gptdeploy.parity import GREEDY_STEPS, ParityReport, check_parity
+from gptdeploy.errors import BundleError, ParityError, SourceError
+from gptdeploy.parity import ParityReport
 
 
 @dataclass
 class VerifyResult:
     bundle: Bundle
     io_problems: list[str] = field(default_factory=list)
-    parity: dict[str, ParityReport] = field(default_factory=dict)
+    parity: dict[str, ParityReport] = field(default_factory=dict)  # or AgreementReport for int8/int4
     source: Path | None = None
 
     @property
@@ -27,16 +34,20 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
 
     `source` overrides the path recorded in the manifest (bundles travel; sources stay behind).
     """
-    import onnxruntime as ort
+    import onnx
 
-    from gptdeploy.exporters.export import parity_prompts
+    from gptdeploy.exporters.fp16 import fp16_graph_problems
     from gptdeploy.exporters.onnx import graph_io_problems
     from gptdeploy.exporters.sources import load_source
 
     bundle = Bundle.load(path)
     result = VerifyResult(bundle)
     for entry in bundle.manifest.graphs.values():
-        result.io_problems += [f"{entry.name}: {p}" for p in graph_io_problems(bundle.file(entry.file), entry.signature)]
+        graph_path = bundle.file(entry.file)
+        result.io_problems += [f"{entry.name}: {p}" for p in graph_io_problems(graph_path, entry.signature)]
+        if entry.precision == "fp16":
+            proto = onnx.load(str(graph_path), load_external_data=False)
+            result.io_problems += [f"{entry.name}: {p}" for p in fp16_graph_problems(proto, entry.signature)]
     if integrity_only:
         return result
     recorded = bundle.manifest.source.get("path")
@@ -51,16 +62,64 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
     if src.config != bundle.config:
         raise BundleError(f"source {src_path} has a different model config than the bundle; is it the right source?")
     result.source = src_path
-    reference = src.reference()
-    cfg, tok = bundle.config, bundle.manifest.tokenizer
-    prompts = parity_prompts(src.tokenizer.json, tok.vocab_size, cfg.block_size)
-    steps = min(GREEDY_STEPS, cfg.block_size - max(len(p) for p in prompts))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     for name, entry in bundle.manifest.graphs.items():
-        session = ort.InferenceSession(str(bundle.file(entry.file)), opts, providers=["CPUExecutionProvider"])
-        result.parity[name] = check_parity(
-            session, entry.signature, reference, prompts, precision=entry.precision,
-            pad_id=tok.pad_token_id or 0, greedy_steps=steps, vocab_limit=tok.vocab_size,
-        )
+        result.parity[name] = _verify_graph(bundle, entry, src)
     return result
+
+
+def _verify_graph(bundle: Bundle, entry, src):
+    from gptdeploy.exporters.variants import ort_session, parity_inputs, source_parity
+
+    inputs = parity_inputs(src)
+    reference = src.reference()
+    graph_path = bundle.file(entry.file)
+    if entry.precision == "fp16":
+        from gptdeploy.exporters.fp16 import Fp16CpuSession
+
+        return source_parity(Fp16CpuSession(graph_path), entry.signature, reference, inputs, "fp16")
+    if entry.precision not in ("int8", "int4"):
+        return source_parity(ort_session(graph_path), entry.signature, reference, inputs, entry.precision)
+    recorded = (bundle.manifest.parity.get(entry.name) or {}).get("eval_text") or {}
+    return _verify_quantized(graph_path, entry, src, reference, inputs, _recorded_text(recorded))
+
+
+def _recorded_text(recorded: dict) -> Path | None:
+    """The held-out text export used, if it is still here unchanged (else the default search runs)."""
+    import hashlib
+
+    path = Path(recorded["path"]) if recorded.get("path") else None
+    if path is None or not path.is_file():
+        return None
+    return path if hashlib.sha256(path.read_bytes()).hexdigest() == recorded.get("sha256") else None
+
+
+def _verify_quantized(graph_path: Path, entry, src, reference, inputs, eval_text: Path | None):
+    import torch
+
+    from gptdeploy.exporters.agreement import check_agreement
+    from gptdeploy.exporters.evaltext import held_out_text, sampled_text
+    from gptdeploy.exporters.export import GraphOptions
+    from gptdeploy.exporters.variants import fp32_graph, ort_session
+    from gptdeploy.modeling import GPT, load_state
+
+    sig, cfg, tok = entry.signature, src.config, src.tokenizer
+    with torch.device("cpu"):
+        model = GPT(cfg)
+    load_state(model, src.state)
+    options = GraphOptions("fp32", sig.attentions, sig.last_logits_only)
+    with tempfile.TemporaryDirectory(prefix="gptdeploy-verify-") as work:
+        fp32_path = Path(work) / "fp32.onnx"
+        try:
+            fp32 = fp32_graph(model.eval(), options, fp32_path, None, reference, inputs, stage=lambda s: None)
+        except ParityError as exc:
+            return exc.report  # the rebuilt fp32 graph itself disagrees with the source: report that
+        del model
+        ref_session = ort_session(fp32_path)
+        text = held_out_text(src, tok.json, tok.vocab_size, cfg.block_size, explicit=eval_text)
+        if text is None:
+            text = sampled_text(ref_session, fp32.signature, inputs.prompts, tok.vocab_size, cfg.block_size)
+        return check_agreement(
+            ref_session, fp32.signature, ort_session(graph_path), sig, precision=entry.precision,
+            prompts=inputs.prompts, eval_text=text, pad_id=inputs.pad_id, vocab=inputs.vocab,
+            greedy_steps=inputs.steps,
+        )

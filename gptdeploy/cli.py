@@ -62,25 +62,43 @@ def cli() -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to create.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (or a dir with vocab.json + merges.txt) for sources without one.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--no-attentions", is_flag=True, help="Leave attention outputs out of the graph (no audit).")
+@click.option("--fp16", is_flag=True, help="fp16 graph for GPUs / TensorRT (LayerNorm, softmax and logits stay fp32).")
+@click.option("--int8", is_flag=True, help="int8 graph for CPUs (dynamic quantization of the linear layers).")
+@click.option("--int4", is_flag=True, help="int4 graph for CPUs, smallest (block-wise MatMulNBits).")
+@click.option("--no-attentions", is_flag=True, help="Leave attention outputs out (no audit); CPU graphs are then fused, fastest.")
+@click.option("--all-logits", is_flag=True, help="Return logits for every position, not only the last (for scoring text).")
+@click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out UTF-8 text for the --int8/--int4 perplexity check (default: the sample corpus's validation split).")
 @click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 2 GB.")
-def export(source: Path, out: Path, tokenizer: Path | None, force: bool, no_attentions: bool, external_data: bool) -> None:
+def export(
+    source: Path, out: Path, tokenizer: Path | None, force: bool, fp16: bool, int8: bool, int4: bool,
+    no_attentions: bool, all_logits: bool, eval_text: Path | None, external_data: bool,
+) -> None:
     """Export SOURCE (HF GPT-2 directory, nanoGPT ckpt.pt, or the gptdeploy sample) to a bundle."""
     from rich.console import Console
 
     from gptdeploy.exporters.export import export_bundle  # torch only when exporting
 
+    chosen = [name for name, flag in (("fp16", fp16), ("int8", int8), ("int4", int4)) if flag]
+    if len(chosen) > 1:
+        _fail(f"--{' and --'.join(chosen)} are mutually exclusive; choose one precision")
+    if eval_text is not None and not (int8 or int4):
+        _fail("--eval-text is used by --int8 and --int4 only")
     console = Console(stderr=True)
     with console.status("exporting") as status:
         result = export_bundle(
-            source, out, tokenizer=tokenizer, force=force, attentions=not no_attentions,
+            source, out, tokenizer=tokenizer, force=force, precision=chosen[0] if chosen else "fp32",
+            attentions=not no_attentions, last_logits_only=not all_logits, eval_text=eval_text,
             external_data=external_data or None, on_stage=lambda s: status.update(s),
         )
+    graph = result.bundle.graph()
     p = result.parity
-    click.echo(
-        f"wrote {result.bundle.path} (parity vs {p.reference}: max |logit diff| {p.worst('logits'):.1e}, "
-        f"greedy tokens agree {p.greedy_agree}/{p.greedy_steps})"
-    )
+    if graph.precision in ("int8", "int4"):
+        size = result.bundle.manifest.parity[graph.name]["graph"]["size"]["ratio"]
+        evidence = f"{size:.2f}x the fp32 graph's size; vs the fp32 graph: {p.describe()}"
+    else:
+        evidence = (f"parity vs {p.reference}: max |logit diff| {p.worst('logits'):.1e}, "
+                    f"greedy tokens agree {p.greedy_agree}/{p.greedy_steps}")
+    click.echo(f"wrote {result.bundle.path} ({graph.name} graph; {evidence})")
 
 
 @cli.command()
@@ -129,11 +147,12 @@ def _print_verify(result) -> None:
 
 
 def _register() -> None:
+    from gptdeploy.cli_audit import audit
     from gptdeploy.cli_bench import bench
     from gptdeploy.cli_engine import build_engine, doctor
     from gptdeploy.cli_generate import generate
 
-    for command in (generate, bench, build_engine, doctor):
+    for command in (generate, audit, bench, build_engine, doctor):
         cli.add_command(command)
 
 

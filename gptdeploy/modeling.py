@@ -20,6 +20,11 @@ from gptdeploy.config import GPTConfig
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype`, with no Cast node when it already is (the tracer records no-op casts too)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own cannot drop only the bias before 2.1)."""
 
@@ -30,7 +35,10 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        # Computed in the dtype of its parameters, which `to_fp16` keeps in fp32: the variance of
+        # fp16 GPT-2 activations overflows fp16 (a sum of squares past 65504). Returns x's dtype.
+        y = F.layer_norm(_as(x, self.weight.dtype), self.weight.shape, self.weight, self.bias, self.eps)
+        return _as(y, x.dtype)
 
 
 class Attention(nn.Module):
@@ -59,11 +67,13 @@ class Attention(nn.Module):
         if self.n_kv != self.n_head:
             kr = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hs)
             vr = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hs)
-        att = (q @ kr.transpose(-2, -1)) * self.scale  # (B, nh, T, S)
+        # The product runs in the model dtype; scale, mask and softmax always in fp32 (exp
+        # overflows fp16, and an fp16 scale would round the scores a second time).
+        att = _as(q @ kr.transpose(-2, -1), torch.float32) * self.scale  # (B, nh, T, S) fp32
         # finfo.min, not -inf: a fully masked row (a left-pad query) becomes uniform, not NaN.
-        att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)  # (B, nh, T, S)
-        probs = F.softmax(att.float(), dim=-1)  # (B, nh, T, S), softmax in fp32 always
-        y = probs.to(vr.dtype) @ vr  # (B, nh, T, hs)
+        att = att.masked_fill(~allowed, torch.finfo(torch.float32).min)  # (B, nh, T, S)
+        probs = F.softmax(att, dim=-1)  # (B, nh, T, S) fp32
+        y = _as(probs, vr.dtype) @ vr  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y), (k, v), probs
 
@@ -134,13 +144,26 @@ class GPT(nn.Module):
             attentions.append(probs)
         if last_logits_only:
             x = x[:, -1:, :]  # (B, 1, C): prefill needs only the next token's logits
-        x = self.ln_f(x)
+        # The logits are computed in fp32 whatever the model dtype: an fp16 logit of magnitude
+        # ~30 is off by up to 0.008, which reorders near-tied tokens.
+        x = self.ln_f(_as(x, torch.float32))  # (B, T or 1, C) fp32
         B, Tl, C = x.shape
         # 2-D linear exports as Gemm(transB=1) reading wte itself, so the tied matrix is
-        # stored once and never transposed into a second copy (Optimum's graph holds two).
-        logits = F.linear(x.reshape(B * Tl, C), self.wte.weight)  # (B*Tl, V)
-        logits = logits.view(B, Tl, -1).float()  # (B, T or 1, V)
+        # stored once and never transposed into a second copy (Optimum's graph holds two);
+        # in an fp16 model it is read through a Cast (see exporters/onnx.py `_tie_lm_head`).
+        logits = F.linear(x.reshape(B * Tl, C), _as(self.wte.weight, torch.float32))  # (B*Tl, V)
+        logits = logits.view(B, Tl, -1)  # (B, T or 1, V) fp32
         return logits, presents, attentions
+
+
+def to_fp16(model: GPT) -> GPT:
+    """The fp16 variant, in place: fp16 weights and KV cache; LayerNorm parameters (and so
+    LayerNorm, see above) stay fp32, as do softmax and the logits by construction."""
+    model.half()
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            module.float()
+    return model
 
 
 def load_state(model: GPT, state: dict[str, torch.Tensor]) -> None:

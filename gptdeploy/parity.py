@@ -20,14 +20,40 @@ from gptdeploy.contract import GraphSignature
 DETAILED_STEPS = 8
 GREEDY_STEPS = 32
 
-# Tolerances per graph precision, as max |diff| against the fp32 source, with the reason.
+# The one table of parity bounds, per graph precision, each with its reason (the derivations
+# are in the README's "Precision" section).
+# fp32, fp16: max |diff| against the fp32 source framework per output kind; entries named in
+# RELATIVE are fractions of max |reference| at that phase. "greedy": the largest reference
+# margin (nats) at which a greedy step may choose another token (fp32: none may).
+# int8, int4: measures of the quantized graph against the fp32 graph (exporters/agreement.py).
 TOLERANCES: dict[str, dict[str, tuple[float, str]]] = {
     "fp32": {
         "logits": (1e-4, "fp32 GEMMs in another order (MLAS vs ATen): ~1e-6 relative on |logits| up to ~10"),
         "present": (1e-4, "K/V are one LayerNorm + GEMM deep: differences stay near fp32 rounding"),
         "attention": (1e-5, "probabilities lie in [0, 1]; fp32 softmax of near-equal inputs differs by ~1e-7"),
     },
+    "fp16": {
+        "logits": (1e-2, "relative: fp16 rounds at 2^-11 = 4.9e-4 per op; measured worst 1.7e-3 of max |logit| "
+                         "(random GPT-2 shapes up to 124M), 1.1e-3 (the trained sample): 6x headroom"),
+        "present": (1e-2, "relative: K/V stored in fp16 after one fp16 GEMM; measured worst 1.8e-3 of "
+                          "max |K/V| (random 124M and tiny shapes), 1.3e-3 (the trained sample): 5x headroom"),
+        "attention": (1e-2, "probabilities in [0, 1], fp32 softmax of scores from fp16 q and k; measured "
+                            "worst 1.6e-3 (trained models), 4.9e-4 (random 124M): 6x headroom"),
+        "greedy": (0.1, "a token may differ only at a near-tie: measured logit errors <= 0.017 (sample, |logits| "
+                        "~15) flip margins < 0.034 nats only (one flip seen, at 4e-5); 0.1 nats is 3x that"),
+    },
+    "int8": {
+        "perplexity": (0.03, "issue 6: int8 perplexity within +3% of the fp32 graph on held-out text"),
+        "margin": (0.5, "int8 may pick another token only where the fp32 graph had both within 0.5 nats (61% "
+                        "in probability); measured: sample p99 0.065, greedy 0.049; random 124M p99 0.063: 7x"),
+    },
+    "int4": {
+        "perplexity": (0.10, "issue 6: int4 perplexity within +10% of the fp32 graph on held-out text"),
+        "margin": (1.5, "int4 may pick another token only where the fp32 graph had both within 1.5 nats (22% "
+                        "in probability); measured: sample p99 0.42, greedy 0.18; random 124M p99 0.52, greedy 0.45: 3x"),
+    },
 }
+RELATIVE: dict[str, set[str]] = {"fp16": {"logits", "present"}}
 
 
 @dataclass
@@ -51,37 +77,52 @@ class ParityReport:
     checks: list[Check] = field(default_factory=list)
     greedy_steps: int = 0
     greedy_agree: int = 0  # leading steps where reference and graph chose the same token
+    # Steps where they differ: (step, row, reference margin in nats between the two tokens).
+    greedy_mismatches: list[tuple[int, int, float]] = field(default_factory=list)
+    greedy_margin: float = 0.0  # the largest margin a mismatch may have (TOLERANCES "greedy"; fp32: 0)
     graph_tokens: list[list[int]] = field(default_factory=list)
     reference_tokens: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
+    runtime: str = "onnxruntime CPUExecutionProvider"  # what ran the graph (fp16: a CPU path that computes in fp16)
 
     @property
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
     @property
+    def greedy_ok(self) -> bool:
+        """Every step agrees, or (where the table allows it) differs only at a near-tie of the reference."""
+        if self.greedy_margin <= 0:
+            return self.greedy_agree == self.greedy_steps
+        return all(margin <= self.greedy_margin for _, _, margin in self.greedy_mismatches)
+
+    @property
     def passed(self) -> bool:
-        return not self.failures and self.greedy_agree == self.greedy_steps
+        return not self.failures and self.greedy_ok
 
     def worst(self, prefix: str) -> float:
         diffs = [c.max_abs_diff for c in self.checks if c.output.startswith(prefix)]
         return max(diffs) if diffs else 0.0
 
     def summary(self) -> dict[str, dict]:
-        """Per output kind: worst max |diff| over all phases, and its tolerance."""
+        """Per output kind: the check closest to (or furthest past) its tolerance, over all phases."""
         out = {}
         for kind in ("logits", "present", "attentions"):
             cs = [c for c in self.checks if c.output.startswith(kind)]
             if cs:
-                out[kind] = {"max_abs_diff": max(c.max_abs_diff for c in cs), "tolerance": cs[0].tolerance}
+                worst = max(cs, key=lambda c: (c.max_abs_diff / c.tolerance if c.tolerance > 0 else np.inf, c.max_abs_diff))
+                out[kind] = {"max_abs_diff": worst.max_abs_diff, "tolerance": worst.tolerance}
         return out
 
     def describe_failures(self) -> str:
         parts = [f"{c.output} at {c.phase}: {c.max_abs_diff:.2e} > {c.tolerance:.0e}" for c in self.failures[:6]]
         if len(self.failures) > 6:
             parts.append(f"... {len(self.failures) - 6} more")
-        if self.greedy_agree != self.greedy_steps:
+        if not self.greedy_ok:
             parts.append(f"greedy tokens agree for {self.greedy_agree} of {self.greedy_steps} steps")
+            worst = max((m for _, _, m in self.greedy_mismatches), default=0.0)
+            if self.greedy_margin > 0:
+                parts.append(f"a mismatch at reference margin {worst:.3f} > {self.greedy_margin} nats")
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
@@ -115,6 +156,14 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(d.max()) if d.size else 0.0
 
 
+def _tolerance(precision: str, kind: str, reference: np.ndarray) -> float:
+    """The absolute tolerance for one check: the table's value, scaled by max |reference| where relative."""
+    value = TOLERANCES[precision][kind][0]
+    if kind in RELATIVE.get(precision, ()):
+        value *= float(np.abs(reference).max()) if reference.size else 0.0
+    return value
+
+
 def check_parity(
     session,
     sig: GraphSignature,
@@ -136,6 +185,8 @@ def check_parity(
     ids, mask = left_pad(prompts, pad_id)
     B, T0 = ids.shape
     report = ParityReport(reference.name, precision, B, [len(p) for p in prompts], greedy_steps=greedy_steps)
+    report.greedy_margin = tol.get("greedy", (0.0, ""))[0]
+    report.runtime = getattr(session, "path_description", report.runtime)
     real_rows = mask.astype(bool)  # (B, S): which query rows are real tokens
     vocab = vocab_limit or sig.vocab_size
 
@@ -156,21 +207,23 @@ def check_parity(
         S = seq_ids.shape[1]
         T = step_ids.shape[1]
         rows = real_rows[:, S - T :]  # (B, T) real query rows of this step
+        logit_rows = rows
         ref_logits = ref.logits[:, S - T :, :].float().numpy()  # (B, T, V)
         graph_logits = outs[io.LOGITS]
         if sig.last_logits_only:
-            ref_logits, rows = ref_logits[:, -1:, :], rows[:, -1:]
+            ref_logits, logit_rows = ref_logits[:, -1:, :], rows[:, -1:]  # the graph returns the last row only
         if step <= detailed_steps:
-            report.checks.append(
-                Check(io.LOGITS, phase, _max_diff(graph_logits[rows], ref_logits[rows]), tol["logits"][0])
-            )
+            want_logits = ref_logits[logit_rows]
+            report.checks.append(Check(
+                io.LOGITS, phase, _max_diff(graph_logits[logit_rows], want_logits), _tolerance(precision, "logits", want_logits)
+            ))
             for i in range(sig.n_layer):
                 for name, ref_t in ((io.present_key(i), ref.keys[i]), (io.present_value(i), ref.values[i])):
                     # Real positions only: a pad position's query row is fully masked, so its
                     # hidden state (and the next layer's K/V there) is arbitrary and never read.
                     have = outs[name].transpose(0, 2, 1, 3)[real_rows]  # (real positions, nkv, hs)
                     want = ref_t.float().numpy().transpose(0, 2, 1, 3)[real_rows]
-                    report.checks.append(Check(name, phase, _max_diff(have, want), tol["present"][0]))
+                    report.checks.append(Check(name, phase, _max_diff(have, want), _tolerance(precision, "present", want)))
                 if sig.attentions:
                     ref_att = ref.attentions[i][:, :, S - T :, :].float().numpy()  # (B, nh, T, S)
                     att = outs[io.attention(i)]
@@ -184,6 +237,10 @@ def check_parity(
             graph_tokens[r].append(int(nxt[r]))
             ref_tokens[r].append(int(ref_nxt[r]))
         agree = agree and bool((nxt == ref_nxt).all())
+        for r in np.flatnonzero(nxt != ref_nxt):
+            lp = ref_logits[r, -1, :vocab].astype(np.float64)
+            lp = lp - lp.max() - np.log(np.exp(lp - lp.max()).sum())  # log-softmax
+            report.greedy_mismatches.append((step, int(r), float(lp[ref_nxt[r]] - lp[nxt[r]])))
         report.greedy_agree += int(agree)
         past = {p: outs[q] for p, q in zip(sig.past_names(), sig.present_names())}
         step_ids = nxt[:, None].astype(np.int64)

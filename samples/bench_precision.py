@@ -1,0 +1,146 @@
+"""Precision variants side by side, in one run on one machine: decode tokens/s, prefill time, size.
+
+    python samples/make_gpt2_124m.py --out out/gpt2-124m --no-bundle      # the random-init 124M source
+    python samples/bench_precision.py --source out/gpt2-124m/source --out out/precision
+
+Exports (once; reused when present) fp32 audit, fp32 with all logits, fp32 fused (no attention
+outputs), int8 and int4 (audit and fused) bundles of SOURCE, then measures each through the
+`ort` runtime (the one the Generator uses): batch 1, prompt 32, 128 new tokens, greedy, no
+early stop, `--threads` threads; prefill at prompt 512 with last-position vs all logits.
+Rounds are interleaved (every bundle once per round) so that load from other processes on a
+shared machine spreads over all rows; each figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {  # name -> export_bundle options
+    "fp32": {},
+    "fp32 all-logits": {"last_logits_only": False},
+    "fp32 fused": {"attentions": False},
+    "int8": {"precision": "int8"},
+    "int8 fused": {"precision": "int8", "attentions": False},
+    "int4": {"precision": "int4"},
+    "int4 fused": {"precision": "int4", "attentions": False},
+}
+
+
+def export_all(source: Path, out: Path) -> dict[str, Path]:
+    from gptdeploy.bundle import Bundle
+    from gptdeploy.errors import BundleError
+    from gptdeploy.exporters.export import export_bundle
+
+    paths = {}
+    for name, options in VARIANTS.items():
+        path = out / name.replace(" ", "-")
+        try:
+            Bundle.load(path, verify_hashes=False)
+        except BundleError:
+            t0 = time.perf_counter()
+            export_bundle(source, path, force=True, **options)
+            print(f"exported {name} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paths[name] = path
+    return paths
+
+
+def decode_rate(bundle, threads: int, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(decode tokens/s after the first token, prefill seconds) for one greedy run, no early stop."""
+    from gptdeploy.runtimes.base import open_runtime
+
+    with open_runtime(bundle, "ort", threads=threads) as rt:
+        B, T = prompt.shape
+        t0 = time.perf_counter()
+        out = rt.prefill(prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
+        t1 = time.perf_counter()
+        for step in range(new_tokens - 1):
+            nxt = out.logits.argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+            S = T + step + 1
+            out = rt.decode(nxt, np.ones((B, S), np.int64), np.full((B, 1), S - 1, np.int64))
+        t2 = time.perf_counter()
+    return (new_tokens - 1) * B / (t2 - t1), t1 - t0
+
+
+def prefill_seconds(bundle, threads: int, prompt: np.ndarray, runs: int = 3) -> float:
+    from gptdeploy.runtimes.base import open_runtime
+
+    B, T = prompt.shape
+    times = []
+    with open_runtime(bundle, "ort", threads=threads) as rt:
+        for _ in range(runs + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            rt.prefill(prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
+            times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("out/precision"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=512)
+    args = ap.parse_args()
+
+    from gptdeploy.bundle import Bundle
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    bundles = {k: Bundle.load(p, verify_hashes=False) for k, p in export_all(args.source, args.out).items()}
+    vocab = next(iter(bundles.values())).manifest.tokenizer.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, vocab, size=(1, args.prompt_len), dtype=np.int64)
+    long_prompt = rng.integers(0, vocab, size=(1, args.prefill_len), dtype=np.int64)
+
+    decode = {k: [] for k in bundles if k != "fp32 all-logits"}
+    prefill = {k: [] for k in ("fp32", "fp32 all-logits")}
+    for r in range(args.rounds):
+        for name in decode:
+            rate, _ = decode_rate(bundles[name], args.threads, prompt, args.new_tokens)
+            decode[name].append(rate)
+        for name in prefill:
+            prefill[name].append(prefill_seconds(bundles[name], args.threads, long_prompt))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode.items()), flush=True)
+
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.iterdir())
+
+    med = {k: statistics.median(v) for k, v in decode.items()}
+    base_size = size(bundles["fp32"].path)
+    rows = [{
+        "bundle": k, "decode_tokens_per_s": round(v, 1), "spread": [round(min(decode[k]), 1), round(max(decode[k]), 1)],
+        "vs_fp32": round(v / med["fp32"], 2), "size_mb": round(size(bundles[k].path) / 1e6, 1),
+        "size_vs_fp32": round(size(bundles[k].path) / base_size, 3),
+    } for k, v in med.items()]
+    pre = {k: statistics.median(v) for k, v in prefill.items()}
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "settings": {"batch": 1, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds},
+        "decode": rows,
+        "prefill": {
+            "prompt": args.prefill_len,
+            "last_logits_s": round(pre["fp32"], 4), "all_logits_s": round(pre["fp32 all-logits"], 4),
+            "speedup": round(pre["fp32 all-logits"] / pre["fp32"], 2),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    print(f"\n{'bundle':<12} {'decode tok/s':>13} {'x fp32':>7} {'MB':>7} {'x size':>7}")
+    for row in rows:
+        print(f"{row['bundle']:<12} {row['decode_tokens_per_s']:>13.1f} {row['vs_fp32']:>7.2f} "
+              f"{row['size_mb']:>7.1f} {row['size_vs_fp32']:>7.3f}")
+    p = report["prefill"]
+    print(f"prefill {p['prompt']}: last logits {p['last_logits_s'] * 1e3:.0f} ms, all logits "
+          f"{p['all_logits_s'] * 1e3:.0f} ms ({p['speedup']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
