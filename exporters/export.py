@@ -129,7 +129,11 @@ def export_bundle(
     _check_output_dir(out, force)
     stage(f"loading {source_path}")
     source = load_source(Path(source_path), tokenizer=tokenizer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    _remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a published bundle gets the user's usual mode
     try:
         report = _write_bundle(source, tmp, options, external_data, eval_text, stage)
         _move_into_place(tmp, out)
@@ -174,6 +178,20 @@ def _fsync_tree(root: Path) -> None:
     for p in root.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove temporary directories of earlier exports to `out` that were killed (their pid is gone)."""
+    for stale in out.parent.glob(f".{out.name}.*.partial"):
+        pid = stale.name[len(out.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -94,3 +94,7 @@ def test_sigkilled_exports_leave_no_bundle_or_a_complete_one(tmp_path):
     proc = _export(src, out, "--force")
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     assert Bundle.load(out).config == Bundle.load(ref_out).config
+    assert _partials(tmp_path, out) == []  # the killed exports' temporary directories were removed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the user's usual mode, not mkdtemp's 0700
