@@ -21,22 +21,31 @@ from tokenizers import Tokenizer
 from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "corpus"))
-from make_corpus import Writer  # noqa: E402
+from make_corpus import Writer
 
-# Hand-written. Ruby is one of the corpus's 32 English names, any of which could be the hero, and
+# Hand-written. Ben is one of the corpus's 32 English names, any of which could be the hero, and
 # the friend Tom is in the prompt too; 林思桃 is an invented name found nowhere in the corpus.
-PATTERN_EN = ("Once upon a time, there was a brave fox named Ruby. Ruby lived in the forest with "
-              "her friend Tom. Every morning, Ruby went to the lake to swim. One day,")
+PATTERN_EN = (
+    "Once upon a time, there was a brave fox named Ben. Ben lived in the forest with "
+    "his friend Tom. Every morning, Ben went to the lake to swim. One day,"
+)
 PATTERN_ZH = "从前，有一只勇敢的狐狸，名字叫林思桃。林思桃住在森林，她有一个好朋友叫小明。每天早上，林思桃都会去湖边游泳。有一天，"
 PROMPTS = {
-    "en": ["Once upon a time, there was a", "Every morning Tom", "Anna likes to eat",
-           'The secret code is 7 3 9 1. Tom told Anna the code. Anna said, "The code is'],
-    "zh": ["从前，有一只", "他喜欢吃", "小明每天早上", "密码是三八五一。小明把密码告诉了小红。小红说：“密码是"],
+    "en": [
+        "Once upon a time, there was a",
+        "Tom is 8 years old. Every morning Tom",
+        "Lily likes to eat",
+        "What does Max like to eat?",
+    ],
+    "zh": ["从前，有一只", "他喜欢吃", "小明每天早上", "小红喜欢吃"],
     "pattern": {
-        "en": PATTERN_EN, "zh": PATTERN_ZH, "en_name": "Ruby", "zh_name": "林思桃",
-        "note": "name copy: the next token starts the main character's name (greedy: ' Ruby', '林'); "
-                "the name-copy head (see patterns) attends from the last prompt token to the name's "
-                "earlier mentions.",
+        "en": PATTERN_EN,
+        "zh": PATTERN_ZH,
+        "en_name": "Ben",
+        "zh_name": "林思桃",
+        "note": "name copy: the next token starts the main character's name (greedy: ' Ben', '林'); "
+        "the name-copy head (see patterns) attends from the last prompt token to the name's "
+        "earlier mentions.",
     },
 }
 N_PROBE = 32  # generated stories per language used to rank heads (seed 7: apart from the corpus seeds)
@@ -65,11 +74,13 @@ def probe_prompts(n: int, english: bool, seed: int = 7) -> list[tuple[str, str]]
         name = re.search(r"named (\w+)\." if english else r"名字叫(.+?)。", text).group(1)
         cuts = [m.start() for m in re.finditer((" " if english else "") + re.escape(name), text)]
         if len(cuts) >= 4:
-            out.append((text[:cuts[3]], name))
+            out.append((text[: cuts[3]], name))
     return out
 
 
-def name_copy_scores(model: GPT2LMHeadModel, tok: Tokenizer, prompt: str, name: str) -> tuple[torch.Tensor, bool]:
+def name_copy_scores(
+    model: GPT2LMHeadModel, tok: Tokenizer, prompt: str, name: str
+) -> tuple[torch.Tensor, bool]:
     """Per-head attention mass (L, nh) from the last token on earlier mentions of name, and
     whether the model's top next token is the first token of the name."""
     ids, pos = name_positions(tok, prompt, name)
@@ -87,13 +98,18 @@ def evidence(model: GPT2LMHeadModel, tok: Tokenizer, prompt: str, name: str, lay
     ol, oh = divmod(int(others.argmax()), scores.shape[1])
     top = torch.softmax(logits, -1).topk(3)
     return {
-        "prompt": prompt, "name": name, "tokens": len(ids), "query_position": len(ids) - 1,
-        "name_positions": pos, "mass_on_name": round(scores[layer, head].item(), 4),
+        "prompt": prompt,
+        "name": name,
+        "tokens": len(ids),
+        "query_position": len(ids) - 1,
+        "name_positions": pos,
+        "mass_on_name": round(scores[layer, head].item(), 4),
         "mass_per_position": [round(att[layer, head, -1, p].item(), 4) for p in pos],
         "uniform_baseline": round(len(pos) / len(ids), 4),
         "best_other_head": {"layer": ol, "head": oh, "mass_on_name": round(others[ol, oh].item(), 4)},
-        "top_next_tokens": [[tok.decode([int(i)]), round(p, 4)] for p, i in zip(top.values.tolist(),
-                                                                                 top.indices.tolist())],
+        "top_next_tokens": [
+            [tok.decode([int(i)]), round(p, 4)] for p, i in zip(top.values.tolist(), top.indices.tolist())
+        ],
     }
 
 
@@ -102,26 +118,32 @@ def find_patterns(model: GPT2LMHeadModel, tok: Tokenizer) -> list[dict]:
     model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
     model.eval()
     patterns = []
-    for lang, prompt, name in (("en", PATTERN_EN, "Ruby"), ("zh", PATTERN_ZH, "林思桃")):
+    for lang, prompt, name in (("en", PATTERN_EN, "Ben"), ("zh", PATTERN_ZH, "林思桃")):
         probes = probe_prompts(N_PROBE, english=lang == "en")
         runs = [name_copy_scores(model, tok, p, n) for p, n in probes]
         scores = torch.stack([s for s, _ in runs])  # (N, L, nh)
         mean = scores.mean(0)  # (L, nh)
         layer, head = divmod(int(mean.argmax()), mean.shape[1])
-        patterns.append({
-            "kind": "name-copy", "lang": lang, "layer": layer, "head": head, "prompt": prompt,
-            "evidence": {
-                "definition": "attention mass from the last prompt token (the next token starts the name) "
-                              "on the token positions of the name's earlier mentions; positions index the "
-                              "prompt encoded with tokenizer.json, no special tokens added",
-                **evidence(model, tok, prompt, name, layer, head),
-                "probe_stories": len(probes),
-                "probe_mean_mass": round(mean[layer, head].item(), 4),
-                "probe_min_mass": round(scores[:, layer, head].min().item(), 4),
-                "probe_mean_mass_all_heads": [[round(v, 3) for v in r] for r in mean.tolist()],
-                "probe_name_top1": f"{sum(hit for _, hit in runs)}/{len(probes)}",
-            },
-        })
+        patterns.append(
+            {
+                "kind": "name-copy",
+                "lang": lang,
+                "layer": layer,
+                "head": head,
+                "prompt": prompt,
+                "evidence": {
+                    "definition": "attention mass from the last prompt token (the next token starts the name) "
+                    "on the token positions of the name's earlier mentions; positions index the "
+                    "prompt encoded with tokenizer.json, no special tokens added",
+                    **evidence(model, tok, prompt, name, layer, head),
+                    "probe_stories": len(probes),
+                    "probe_mean_mass": round(mean[layer, head].item(), 4),
+                    "probe_min_mass": round(scores[:, layer, head].min().item(), 4),
+                    "probe_mean_mass_all_heads": [[round(v, 3) for v in r] for r in mean.tolist()],
+                    "probe_name_top1": f"{sum(hit for _, hit in runs)}/{len(probes)}",
+                },
+            }
+        )
     return patterns
 
 
@@ -134,7 +156,7 @@ def main() -> None:
     patterns = find_patterns(model, tok)
     meta_path = args.model / "sample.json"
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["patterns"] = patterns
+    meta["prompts"], meta["patterns"] = PROMPTS, patterns
     meta_path.write_text(json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(patterns, ensure_ascii=False, indent=1))
 

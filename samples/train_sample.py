@@ -3,7 +3,8 @@
     python samples/train_sample.py [--out samples/tiny-gpt] [--steps N] [--seed S]
 
 Needs the export extras (torch, transformers, safetensors) and tokenizers. Deterministic for a
-given seed, step count and thread count on the same torch build; about 5 minutes on 2 CPU cores.
+given seed, step count and thread count on the same torch build. About 4 minutes on 2 idle CPU
+cores; 7-9.5 minutes measured on a shared, busy 2-core machine.
 Writes config.json, generation_config.json, model.safetensors, tokenizer.json and sample.json.
 """
 
@@ -22,9 +23,9 @@ from pathlib import Path
 # either way when the machine is idle). Must be set before torch loads its OpenMP runtime.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel
 
 ROOT = Path(__file__).resolve().parent.parent  # repository root: paths in sample.json are relative to it
 EOT = "<|endoftext|>"
@@ -37,6 +38,11 @@ EOT = "<|endoftext|>"
 CJK_CHAR = Regex("[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]")
 
 
+def rel(path: Path) -> str:
+    """A path as sample.json records it: relative to the repository root, with forward slashes."""
+    return path.resolve().relative_to(ROOT).as_posix()
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -44,14 +50,21 @@ def sha256(path: Path) -> str:
 def train_tokenizer(train_txt: Path, vocab_size: int) -> Tokenizer:
     """GPT-2 style byte-level BPE with <|endoftext|> as id 0; checks exact round trips on the corpus."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(CJK_CHAR, behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(CJK_CHAR, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train([str(train_txt)], trainer)
     return tok
 
@@ -78,7 +91,7 @@ def mean_loss(model: GPT2LMHeadModel, windows: torch.Tensor, batch: int) -> floa
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch):
-        w = windows[i:i + batch]  # (B, T+1)
+        w = windows[i : i + batch]  # (B, T+1)
         logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + w[:, 1:].numel()
@@ -89,7 +102,7 @@ def mean_loss(model: GPT2LMHeadModel, windows: torch.Tensor, batch: int) -> floa
 def tiled_windows(stream: torch.Tensor, T: int) -> torch.Tensor:
     """Non-overlapping (W, T+1) windows covering the stream (targets overlap inputs by one token)."""
     n = (len(stream) - 1) // T
-    return torch.stack([stream[i * T:i * T + T + 1] for i in range(n)])
+    return torch.stack([stream[i * T : i * T + T + 1] for i in range(n)])
 
 
 def main() -> None:
@@ -101,9 +114,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    hp = dict(vocab_size=2048, n_layer=4, n_head=4, n_embd=128, n_positions=256, block_size=256,
-              batch_size=12, lr=3e-3, min_lr=3e-4, warmup_steps=40, weight_decay=0.1,
-              betas=[0.9, 0.95], grad_clip=1.0, activation="gelu_new", dropout=0.0)
+    hp = {
+        "vocab_size": 2048,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_embd": 128,
+        "n_positions": 256,
+        "block_size": 256,
+        "batch_size": 12,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 40,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.95],
+        "grad_clip": 1.0,
+        "activation": "gelu_new",
+        "dropout": 0.0,
+    }
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -118,10 +145,18 @@ def main() -> None:
     print(f"tokenizer: {tok.get_vocab_size()} tokens; train {len(train_ids)} tokens, val {len(val_ids)}")
 
     config = GPT2Config(
-        vocab_size=tok.get_vocab_size(), n_positions=hp["n_positions"], n_embd=hp["n_embd"],
-        n_layer=hp["n_layer"], n_head=hp["n_head"], activation_function=hp["activation"],
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-        bos_token_id=eot, eos_token_id=eot,
+        vocab_size=tok.get_vocab_size(),
+        n_positions=hp["n_positions"],
+        n_embd=hp["n_embd"],
+        n_layer=hp["n_layer"],
+        n_head=hp["n_head"],
+        activation_function=hp["activation"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=eot,
     )
     model = GPT2LMHeadModel(config)
     n_params = sum(p.numel() for p in model.parameters())
@@ -130,9 +165,11 @@ def main() -> None:
     # nanoGPT's split: weight decay on matrices only, not on biases, LayerNorm or position table
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wpe" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "wpe" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=hp["lr"], betas=tuple(hp["betas"]))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp["lr"],
+        betas=tuple(hp["betas"]),
+    )
 
     def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
         if step < hp["warmup_steps"]:
@@ -146,7 +183,7 @@ def main() -> None:
     t_train = time.time()
     for step in range(args.steps):
         starts = torch.randint(0, len(train_ids) - T - 1, (B,), generator=gen)  # (B,)
-        w = torch.stack([train_ids[s:s + T + 1] for s in starts.tolist()])  # (B, T+1)
+        w = torch.stack([train_ids[s : s + T + 1] for s in starts.tolist()])  # (B, T+1)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
@@ -156,14 +193,19 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         opt.step()
         if step % 25 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  "
-                  f"{time.time() - t_train:6.1f}s", flush=True)
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  "
+                f"{time.time() - t_train:6.1f}s",
+                flush=True,
+            )
     train_seconds = time.time() - t_train
 
     # train loss on a fixed, seeded sample of windows the size of the validation set
     val_w = tiled_windows(val_ids, T)
-    starts = torch.randint(0, len(train_ids) - T - 1, (len(val_w),), generator=torch.Generator().manual_seed(0))
-    train_w = torch.stack([train_ids[s:s + T + 1] for s in starts.tolist()])
+    starts = torch.randint(
+        0, len(train_ids) - T - 1, (len(val_w),), generator=torch.Generator().manual_seed(0)
+    )
+    train_w = torch.stack([train_ids[s : s + T + 1] for s in starts.tolist()])
     train_loss, val_loss = mean_loss(model, train_w, 16), mean_loss(model, val_w, 16)
     print(f"train loss {train_loss:.4f}  val loss {val_loss:.4f}  val ppl {math.exp(val_loss):.3f}")
 
@@ -176,37 +218,64 @@ def main() -> None:
     from find_patterns import PROMPTS, find_patterns  # samples/ is on sys.path when run as a script
 
     patterns = find_patterns(model, tok)
-    rel = lambda p: Path(p).resolve().relative_to(ROOT).as_posix()  # noqa: E731
     sample = {
-        "format": "gptdeploy-sample", "version": 1, "name": "tiny-gpt",
-        "description": ("A 4-layer GPT-2 (transformers GPT2LMHeadModel, ~1.1M parameters) trained from scratch "
-                        "on a generated English + Chinese corpus of children's-story sentences, daily-life "
-                        "sentences, and 'say it again' and memory-game documents that make the model copy earlier text."),
-        "corpus": {"train": rel(train_txt), "val": rel(val_txt),
-                   "train_sha256": sha256(train_txt), "val_sha256": sha256(val_txt),
-                   "generator": "samples/corpus/make_corpus.py",
-                   "stream": "one document per line; the token stream is each line's ids followed by "
-                             "<|endoftext|> (id %d); no newline tokens" % eot,
-                   "train_tokens": len(train_ids), "val_tokens": len(val_ids)},
-        "tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": tok.get_vocab_size(),
-                      "eos_token": EOT, "eos_token_id": eot,
-                      "pre_tokenizer": "each CJK character split off, then GPT-2 ByteLevel"},
-        "training": {**hp, "seed": args.seed, "steps": args.steps, "threads": args.threads,
-                     "parameters": n_params, "tokens_seen": args.steps * B * T,
-                     "train_seconds": round(train_seconds, 1), "wall_seconds": round(wall, 1),
-                     "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "tokenizers": __import__("tokenizers").__version__,
-                     "command": f"python samples/train_sample.py --steps {args.steps} --seed {args.seed}"},
-        "metrics": {"train_loss": round(train_loss, 4), "val_loss": round(val_loss, 4),
-                    "val_perplexity": round(math.exp(val_loss), 4),
-                    "loss_definition": "mean next-token cross-entropy (nats) over non-overlapping "
-                                       f"{T}-token windows of the stream"},
+        "format": "gptdeploy-sample",
+        "version": 1,
+        "name": "tiny-gpt",
+        "description": (
+            "A 4-layer GPT-2 (transformers GPT2LMHeadModel, ~1.1M parameters) trained from scratch "
+            "on a generated English + Chinese corpus of children's-story sentences, daily-life "
+            "sentences, and 'say it again' and memory-game documents that make the model copy earlier text."
+        ),
+        "corpus": {
+            "train": rel(train_txt),
+            "val": rel(val_txt),
+            "train_sha256": sha256(train_txt),
+            "val_sha256": sha256(val_txt),
+            "generator": "samples/corpus/make_corpus.py",
+            "stream": "one document per line; the token stream is each line's ids followed by "
+            f"<|endoftext|> (id {eot}); no newline tokens",
+            "train_tokens": len(train_ids),
+            "val_tokens": len(val_ids),
+        },
+        "tokenizer": {
+            "kind": "byte-level BPE (tokenizers)",
+            "vocab_size": tok.get_vocab_size(),
+            "eos_token": EOT,
+            "eos_token_id": eot,
+            "pre_tokenizer": "each CJK character split off, then GPT-2 ByteLevel",
+        },
+        "training": {
+            **hp,
+            "seed": args.seed,
+            "steps": args.steps,
+            "threads": args.threads,
+            "parameters": n_params,
+            "tokens_seen": args.steps * B * T,
+            "train_seconds": round(train_seconds, 1),
+            "wall_seconds": round(wall, 1),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+            "command": f"python samples/train_sample.py --steps {args.steps} --seed {args.seed}",
+        },
+        "metrics": {
+            "train_loss": round(train_loss, 4),
+            "val_loss": round(val_loss, 4),
+            "val_perplexity": round(math.exp(val_loss), 4),
+            "loss_definition": "mean next-token cross-entropy (nats) over non-overlapping "
+            f"{T}-token windows of the stream",
+        },
         "prompts": PROMPTS,
         "patterns": patterns,
-        "files": {name: sha256(out / name) for name in
-                  sorted(p.name for p in out.iterdir() if p.name != "sample.json")},
+        "files": {
+            name: sha256(out / name)
+            for name in sorted(p.name for p in out.iterdir() if p.name != "sample.json")
+        },
     }
-    (out / "sample.json").write_text(json.dumps(sample, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out / "sample.json").write_text(
+        json.dumps(sample, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
     print(f"wrote {out} in {wall:.0f}s")
 
 
