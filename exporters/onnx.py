@@ -49,16 +49,8 @@ class _FlatSignature(torch.nn.Module):
 
 
 def signature_for(model: GPT, *, attentions: bool, last_logits_only: bool, kv_dtype: str = "float32"):
-    c = model.config
-    return GraphSignature(
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        kv_heads=c.kv_heads,
-        head_dim=c.head_dim,
-        vocab_size=c.vocab_size,
-        kv_dtype=kv_dtype,
-        attentions=attentions,
-        last_logits_only=last_logits_only,
+    return GraphSignature.for_config(
+        model.config, kv_dtype=kv_dtype, attentions=attentions, last_logits_only=last_logits_only
     )
 
 

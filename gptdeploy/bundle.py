@@ -96,12 +96,8 @@ class GraphEntry:
     @classmethod
     def from_dict(cls, name: str, d: dict, config: GPTConfig) -> GraphEntry:
         try:
-            sig = GraphSignature(
-                n_layer=config.n_layer,
-                n_head=config.n_head,
-                kv_heads=config.kv_heads,
-                head_dim=config.head_dim,
-                vocab_size=config.vocab_size,
+            sig = GraphSignature.for_config(
+                config,
                 kv_dtype=str(d["kv_dtype"]),
                 attentions=bool(d["attentions"]),
                 last_logits_only=bool(d["last_logits_only"]),

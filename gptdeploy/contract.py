@@ -61,6 +61,22 @@ class GraphSignature:
     attentions: bool = True  # audit graphs return per-layer attention probabilities
     last_logits_only: bool = False  # logits for the last position only: [batch, 1, vocab]
 
+    @classmethod
+    def for_config(
+        cls, config, *, kv_dtype: str = "float32", attentions: bool = True, last_logits_only: bool = False
+    ) -> GraphSignature:
+        """The signature of a graph exported from a model with `config` (a GPTConfig)."""
+        return cls(
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            kv_heads=config.kv_heads,
+            head_dim=config.head_dim,
+            vocab_size=config.vocab_size,
+            kv_dtype=kv_dtype,
+            attentions=attentions,
+            last_logits_only=last_logits_only,
+        )
+
     def past_names(self) -> list[str]:
         return [n for i in range(self.n_layer) for n in (past_key(i), past_value(i))]
 
