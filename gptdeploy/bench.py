@@ -190,7 +190,7 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
                     "bundle": str(plan.bundle), "baseline": baseline, "backend": spec,
                     "source": str(plan.source) if plan.source else None, "prompt_ids": ids,
                     "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
-                    "threads": plan.threads,
+                    "threads": plan.threads, "vocab": vocab,
                 }
                 python = plan.optimum_python if baseline == "optimum" else None
                 row = _run_worker(job, python or sys.executable)

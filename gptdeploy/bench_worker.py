@@ -127,13 +127,17 @@ def run_baseline(job: dict) -> Row:
         row = Row("optimum (ORTModelForCausalLM)", "optimum", None, B, T, n)
     row.load_s = time.perf_counter() - t0
     mask = torch.ones_like(ids)
+    # Equal conditions: the runtimes never pick ids past the tokenizer's vocabulary (padding
+    # rows, e.g. nanoGPT's 50304, or a model larger than its tokenizer); neither may generate().
+    rows = model.config.vocab_size
+    suppress = {"suppress_tokens": list(range(job["vocab"], rows))} if job["vocab"] < rows else {}
 
     def one_run():
         clock = _StepClock()
         start = time.perf_counter()
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, streamer=clock, pad_token_id=0)
+                           do_sample=False, streamer=clock, pad_token_id=0, **suppress)
         times = [start, *clock.times]
         steps = [b - a for a, b in zip(times[1:], times[2:])]
         return times[1] - start, steps, np.stack(clock.tokens, 1).tolist()
