@@ -12,18 +12,18 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+from gptdeploy.exporters.agreement import AgreementReport
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import Bundle, GraphEntry, Manifest, TokenizerEntry
 from gptdeploy.errors import ExportError
-from gptdeploy.exporters.agreement import AgreementReport
 from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -34,7 +35,7 @@ def _matmul_class(constants: frozenset[str]):
 
     class MatMul(OpRun):  # the evaluator finds overrides by class name and domain
         op_domain = ""
-        _fp32: dict[str, np.ndarray] = {}  # fp32 copies of constant fp16 weights, by initializer name
+        _fp32: ClassVar[dict[str, np.ndarray]] = {}  # fp32 copies of constant fp16 weights, by initializer name
 
         def _run(self, a, b):
             if a.dtype != np.float16:
@@ -83,7 +84,7 @@ def precision_islands(proto: onnx.ModelProto) -> dict[str, list[str]]:
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
     types |= {t.name: t.data_type for t in g.initializer}
-    name = lambda t: helper.tensor_dtype_to_np_dtype(t).name if t else "unknown"  # noqa: E731
+    name = lambda t: helper.tensor_dtype_to_np_dtype(t).name if t else "unknown"
     inits = {t.name for t in g.initializer}
     out: dict[str, list[str]] = {"layernorm": [], "softmax": [], "lm_head": [], "weight_matmul": [], "non_standard": []}
     for node in g.node:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
@@ -256,4 +256,4 @@ def remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.initializer.remove(t)
 
 
-__all__ = ["FusionReport", "fuse_graph", "fuse_attention", "remove_dead_nodes"]
+__all__ = ["FusionReport", "fuse_attention", "fuse_graph", "remove_dead_nodes"]

@@ -7,8 +7,11 @@ Exports (once; reused when present) fp32 audit, fp32 with all logits, fp32 fused
 outputs), int8 and int4 (audit and fused) bundles of SOURCE, then measures each through the
 `ort` runtime (the one the Generator uses): batch 1, prompt 32, 128 new tokens, greedy, no
 early stop, `--threads` threads; prefill at prompt 512 with last-position vs all logits.
-Rounds are interleaved (every bundle once per round) so that load from other processes on a
-shared machine spreads over all rows; each figure is the median over rounds.
+One runtime is open at a time: an idle onnxruntime session's thread pool keeps spinning for
+a while after each run and steals the cores from any other session (measured: interleaving
+the steps of four open sessions cut fp32 from 43 to 15 tokens/s). Rounds alternate the
+bundles so that load from other processes spreads over all rows; each figure is the median
+over `--rounds` runs, each run after one untimed warm-up.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ VARIANTS = {  # name -> export_bundle options
 
 
 def export_all(source: Path, out: Path) -> dict[str, Path]:
+    from gptdeploy.exporters.export import export_bundle
+
     from gptdeploy.bundle import Bundle
     from gptdeploy.errors import BundleError
-    from gptdeploy.exporters.export import export_bundle
 
     paths = {}
     for name, options in VARIANTS.items():
         path = out / name.replace(" ", "-")
         try:
-            Bundle.load(path, verify_hashes=False)
+            Bundle.load(path)
         except BundleError:
             t0 = time.perf_counter()
             export_bundle(source, path, force=True, **options)
@@ -51,34 +55,37 @@ def export_all(source: Path, out: Path) -> dict[str, Path]:
     return paths
 
 
-def decode_rate(bundle, threads: int, prompt: np.ndarray, new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s after the first token, prefill seconds) for one greedy run, no early stop."""
-    from gptdeploy.runtimes.base import open_runtime
-
-    with open_runtime(bundle, "ort", threads=threads) as rt:
-        B, T = prompt.shape
-        t0 = time.perf_counter()
-        out = rt.prefill(prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
-        t1 = time.perf_counter()
-        for step in range(new_tokens - 1):
-            nxt = out.logits.argmax(-1)[:, None].astype(np.int64)  # (B, 1)
-            S = T + step + 1
-            out = rt.decode(nxt, np.ones((B, S), np.int64), np.full((B, 1), S - 1, np.int64))
-        t2 = time.perf_counter()
-    return (new_tokens - 1) * B / (t2 - t1), t1 - t0
-
-
-def prefill_seconds(bundle, threads: int, prompt: np.ndarray, runs: int = 3) -> float:
+def decode_rate(bundle, threads: int, prompt: np.ndarray, new_tokens: int) -> float:
+    """Decode tokens/s after the first token: greedy, no early stop, one warm-up run first."""
     from gptdeploy.runtimes.base import open_runtime
 
     B, T = prompt.shape
+    with open_runtime(bundle, "ort", threads=threads) as rt:
+        for timed in (False, True):
+            out = rt.prefill(prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
+            t0 = time.perf_counter()
+            for step in range(new_tokens - 1):
+                nxt = out.logits.argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+                S = T + step + 1
+                out = rt.decode(nxt, np.ones((B, S), np.int64), np.full((B, 1), S - 1, np.int64))
+            seconds = time.perf_counter() - t0
+    return (new_tokens - 1) * B / seconds
+
+
+def prefill_seconds(bundle, threads: int, prompt: np.ndarray, runs: int) -> float:
+    """Median prefill seconds over `runs`, after one warm-up."""
+    from gptdeploy.runtimes.base import open_runtime
+
+    B, T = prompt.shape
+    args = (prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
     times = []
     with open_runtime(bundle, "ort", threads=threads) as rt:
-        for _ in range(runs + 1):  # the first run warms up
+        for r in range(runs + 1):
             t0 = time.perf_counter()
-            rt.prefill(prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))
-            times.append(time.perf_counter() - t0)
-    return min(times[1:])
+            rt.prefill(*args)
+            if r:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -95,21 +102,24 @@ def main() -> None:
     from gptdeploy.bundle import Bundle
 
     args.out.mkdir(parents=True, exist_ok=True)
-    bundles = {k: Bundle.load(p, verify_hashes=False) for k, p in export_all(args.source, args.out).items()}
+    bundles = {k: Bundle.load(p) for k, p in export_all(args.source, args.out).items()}
     vocab = next(iter(bundles.values())).manifest.tokenizer.vocab_size
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, vocab, size=(1, args.prompt_len), dtype=np.int64)
     long_prompt = rng.integers(0, vocab, size=(1, args.prefill_len), dtype=np.int64)
 
-    decode = {k: [] for k in bundles if k != "fp32 all-logits"}
-    prefill = {k: [] for k in ("fp32", "fp32 all-logits")}
+    decoded = [k for k in bundles if k != "fp32 all-logits"]
+    decode: dict[str, list[float]] = {k: [] for k in decoded}
+    prefill: dict[str, list[float]] = {"fp32": [], "fp32 all-logits": []}
     for r in range(args.rounds):
-        for name in decode:
-            rate, _ = decode_rate(bundles[name], args.threads, prompt, args.new_tokens)
-            decode[name].append(rate)
-        for name in prefill:
-            prefill[name].append(prefill_seconds(bundles[name], args.threads, long_prompt))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode.items()), flush=True)
+        order = decoded if r % 2 == 0 else decoded[::-1]
+        for k in order:
+            decode[k].append(decode_rate(bundles[k], args.threads, prompt, args.new_tokens))
+        for k in (list(prefill) if r % 2 == 0 else list(prefill)[::-1]):
+            prefill[k].append(prefill_seconds(bundles[k], args.threads, long_prompt, runs=3))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in decode.items())
+              + ", prefill " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in prefill.items()), flush=True)
+    pre = {k: statistics.median(v) for k, v in prefill.items()}
 
     def size(path: Path) -> int:
         return sum(p.stat().st_size for p in path.iterdir())
@@ -121,7 +131,6 @@ def main() -> None:
         "vs_fp32": round(v / med["fp32"], 2), "size_mb": round(size(bundles[k].path) / 1e6, 1),
         "size_vs_fp32": round(size(bundles[k].path) / base_size, 3),
     } for k, v in med.items()]
-    pre = {k: statistics.median(v) for k, v in prefill.items()}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
         "settings": {"batch": 1, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds},

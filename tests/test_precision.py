@@ -13,13 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from gptdeploy.exporters.export import export_bundle
+from gptdeploy.exporters.fp16 import Fp16CpuSession, precision_islands
 
 from gptdeploy import Generator
 from gptdeploy import contract as io
 from gptdeploy.cli import cli
-from gptdeploy.errors import ParityError
-from gptdeploy.exporters.export import export_bundle
-from gptdeploy.exporters.fp16 import Fp16CpuSession, precision_islands
 from gptdeploy.parity import TOLERANCES, left_pad, positions
 from tests.factories import make_hf_gpt2_dir
 
@@ -37,11 +36,11 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     src = make_hf_gpt2_dir(root / "src", n_layer=3, n_head=4, n_embd=64, seed=1)
     variants = {
-        "fp32": dict(),
-        "fast": dict(attentions=False),
-        "fp16": dict(precision="fp16"),
-        "int8": dict(precision="int8"),
-        "int4-fast": dict(precision="int4", attentions=False),
+        "fp32": {},
+        "fast": {"attentions": False},
+        "fp16": {"precision": "fp16"},
+        "int8": {"precision": "int8"},
+        "int4-fast": {"precision": "int4", "attentions": False},
     }
     return src, {k: export_bundle(src, root / k, **kw) for k, kw in variants.items()}
 
@@ -49,8 +48,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    variants = {"fp32": {}, "fast": dict(attentions=False), "fp16": dict(precision="fp16"),
-                "int8": dict(precision="int8"), "int4": dict(precision="int4")}
+    variants = {"fp32": {}, "fast": {"attentions": False}, "fp16": {"precision": "fp16"},
+                "int8": {"precision": "int8"}, "int4": {"precision": "int4"}}
     return {k: export_bundle(SAMPLE, root / k, **kw) for k, kw in variants.items()}
 
 
