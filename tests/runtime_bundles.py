@@ -13,8 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import GraphEntry, Manifest, TokenizerEntry
+from gptdeploy.parity import positions
 from tests.factories import make_hf_gpt2_dir
 
 GRAPH_FILE = "model.onnx"
@@ -88,3 +91,25 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
 def copy_bundle(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def left_padded(lengths, vocab, seed=0):
+    """Random ids (B, L) with rows left-padded to the longest length, their mask and positions."""
+    rng = np.random.default_rng(seed)
+    B, L = len(lengths), max(lengths)
+    ids = rng.integers(0, vocab, size=(B, L))
+    mask = np.zeros((B, L), dtype=np.int64)
+    for b, n in enumerate(lengths):
+        mask[b, L - n :] = 1
+    return ids, mask, positions(mask)
+
+
+def greedy_steps(rt, ids, mask, pos, n_steps: int, record: bool):
+    """Prefill then greedy decode steps, feeding every row its argmax; the StepOutputs."""
+    outs = [rt.prefill(ids, mask, pos, record)]
+    for _ in range(n_steps):
+        nxt = outs[-1].logits.argmax(axis=1)[:, None]
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
+        pos = pos[:, -1:] + 1
+        outs.append(rt.decode(nxt, mask, pos, record))
+    return outs

@@ -21,23 +21,13 @@ from gptdeploy.errors import BundleError
 from gptdeploy.exporters.tensorrt import build_engine
 from gptdeploy.runtimes.ort import OrtRuntime
 from tests.factories import make_hf_gpt2_dir
-from tests.runtime_bundles import copy_bundle, made, write_bundle
+from tests.runtime_bundles import copy_bundle, left_padded, made, write_bundle
 
 pytestmark = pytest.mark.slow
 
 FP32_LOGITS_ATOL = 2e-3  # TF32 is off: fp32 GEMMs in another order, ~1e-5 relative on |logits| < 20
 FP32_ATTN_ATOL = 1e-4
 GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024, seed=7)
-
-
-def _left_padded(lengths, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    B, L = len(lengths), max(lengths)
-    ids = rng.integers(0, vocab, size=(B, L))
-    mask = np.zeros((B, L), dtype=np.int64)
-    for b, n in enumerate(lengths):
-        mask[b, L - n :] = 1
-    return ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
 
 
 def _greedy(rt, ids, mask, pos, steps, record=False, forced=None):
@@ -87,7 +77,7 @@ def test_fp32_engine_tokens_identical_to_ort_with_attention_parity(tmp_path):
     entry = build_engine(path, max_batch=3, max_context=64, graph="fp32")
     b = Bundle.load(path)
     assert b.manifest.engines == [entry] and (path / entry["file"]).is_file()
-    ids, mask, pos = _left_padded([9, 4, 1], b.config.vocab_size)
+    ids, mask, pos = left_padded([9, 4, 1], b.config.vocab_size)
     with OrtRuntime(b, b.graph("fp32"), threads=1) as ref, TensorRTRuntime(b, b.graph("fp32")) as rt:
         want, want_tokens = _greedy(ref, ids, mask, pos, 24, record=True)
         got, got_tokens = _greedy(rt, ids, mask, pos, 24, record=True)
@@ -114,7 +104,7 @@ def test_gpt2_shaped_engine_builds_fast_with_a_warm_cache_and_matches_ort(
     assert warm["build_seconds"] < 120, "issue 7 target: a 124M-shape build under 2 minutes with a warm cache"
     b = Bundle.load(path)
     assert len(b.manifest.engines) == 1
-    ids, mask, pos = _left_padded([32], 297, seed=3)  # the test tokenizer's ids
+    ids, mask, pos = left_padded([32], 297, seed=3)  # the test tokenizer's ids
     with OrtRuntime(b, b.graph(), threads=4) as ref, TensorRTRuntime(b, b.graph()) as rt:
         _, want = _greedy(ref, ids, mask, pos, 32)
         started = time.perf_counter()
@@ -136,7 +126,7 @@ def test_fp16_engine_within_the_fp16_tolerances(tmp_path):
     assert entry["graph"] == "fp16" and entry["file"].endswith("-fp16.engine")
     assert entry["precision_plan"]["kept_fp32"]["LayerNormalization"] >= 1
     b = Bundle.load(path)
-    ids, mask, pos = _left_padded([8, 3], b.config.vocab_size, seed=5)
+    ids, mask, pos = left_padded([8, 3], b.config.vocab_size, seed=5)
     with OrtRuntime(b, b.graph("fp32"), threads=1) as ref, TensorRTRuntime(b, b.graph("fp16")) as rt:
         want, tokens = _greedy(ref, ids, mask, pos, 16, record=True)
         got, _ = _greedy(rt, ids, mask, pos, 16, record=True, forced=tokens)  # same ids into both
@@ -171,7 +161,7 @@ def test_ort_cuda_tokens_equal_ort():
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider: pip install 'gptdeploy[gpu]'")
     b = Bundle.load(made("padded").bundle)
-    ids, mask, pos = _left_padded([6, 2], b.config.vocab_size, seed=2)
+    ids, mask, pos = left_padded([6, 2], b.config.vocab_size, seed=2)
     with OrtRuntime(b, b.graph(), threads=1) as ref, OrtCudaRuntime(b, b.graph()) as rt:
         want, want_tokens = _greedy(ref, ids, mask, pos, 20, record=True)
         got, got_tokens = _greedy(rt, ids, mask, pos, 20, record=True)

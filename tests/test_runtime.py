@@ -10,7 +10,7 @@ import pytest
 import torch
 from gptdeploy.exporters.onnx import export_onnx
 from gptdeploy.runtimes import base
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput, open_runtime
+from gptdeploy.runtimes.base import open_runtime
 from gptdeploy.runtimes.ort import OrtRuntime
 from gptdeploy.runtimes.torch import TorchRuntime, graph_state_dict
 from onnxruntime.capi import _pybind_state as C
@@ -19,7 +19,7 @@ from gptdeploy.bundle import Bundle
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
 from gptdeploy.modeling import GPT
-from tests.runtime_bundles import made
+from tests.runtime_bundles import greedy_steps, made
 
 # Same fp32 math, different GEMM order (MLAS vs ATen): measured max |diff| ~2e-6 on logits.
 LOGITS_TOL = 1e-4
@@ -52,23 +52,12 @@ def _left_padded(lengths: list[int], vocab: int, seed: int = 0):
     return ids, mask, pos
 
 
-def _steps(rt: RuntimeBase, ids, mask, pos, n_steps: int, record: bool) -> list[StepOutput]:
-    """Prefill then greedy decode steps, feeding every row its argmax."""
-    outs = [rt.prefill(ids, mask, pos, record)]
-    for _ in range(n_steps):
-        nxt = outs[-1].logits.argmax(axis=1)[:, None]
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        outs.append(rt.decode(nxt, mask, pos, record))
-    return outs
-
-
 def test_ort_matches_torch_step_by_step_with_left_padding(bundle):
     ids, mask, pos = _left_padded([7, 3, 1], bundle.config.vocab_size)
     with open_runtime(bundle, "ort", threads=1) as rt_ort, open_runtime(bundle, "torch") as rt_torch:
         assert isinstance(rt_ort, OrtRuntime) and isinstance(rt_torch, TorchRuntime)
-        got = _steps(rt_ort, ids, mask, pos, 6, record=True)
-        want = _steps(rt_torch, ids, mask, pos, 6, record=True)
+        got = greedy_steps(rt_ort, ids, mask, pos, 6, record=True)
+        want = greedy_steps(rt_torch, ids, mask, pos, 6, record=True)
     c = bundle.config
     for step, (g, w) in enumerate(zip(got, want)):
         T = ids.shape[1] if step == 0 else 1
@@ -101,8 +90,8 @@ def test_ort_keeps_the_kv_cache_as_ortvalues_and_fetches_attention_only_on_reque
 def test_prefill_restarts_the_cache_and_gives_the_same_logits(bundle):
     ids, mask, pos = _left_padded([5, 2], bundle.config.vocab_size, seed=3)
     with open_runtime(bundle, "ort", threads=1) as rt:
-        first = _steps(rt, ids, mask, pos, 3, record=False)
-        again = _steps(rt, ids, mask, pos, 3, record=False)
+        first = greedy_steps(rt, ids, mask, pos, 3, record=False)
+        again = greedy_steps(rt, ids, mask, pos, 3, record=False)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a.logits, b.logits)
 

@@ -30,7 +30,7 @@ from gptdeploy.runtimes.ort import OrtRuntime
 from gptdeploy.runtimes.ort_cuda import OrtCudaRuntime
 from gptdeploy.runtimes.tensorrt import TensorRTRuntime, missing
 from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
-from tests.runtime_bundles import copy_bundle, made
+from tests.runtime_bundles import copy_bundle, greedy_steps, left_padded, made
 
 
 @pytest.fixture
@@ -52,26 +52,6 @@ def fake(monkeypatch):
 @pytest.fixture
 def bundle_dir(tmp_path):
     return copy_bundle(made("padded").bundle, tmp_path / "b")
-
-
-def _left_padded(lengths, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    B, L = len(lengths), max(lengths)
-    ids = rng.integers(0, vocab, size=(B, L))
-    mask = np.zeros((B, L), dtype=np.int64)
-    for b, n in enumerate(lengths):
-        mask[b, L - n :] = 1
-    return ids, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-
-
-def _greedy(rt, ids, mask, pos, steps, record):
-    outs = [rt.prefill(ids, mask, pos, record)]
-    for _ in range(steps):
-        nxt = outs[-1].logits.argmax(axis=1)[:, None]
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        outs.append(rt.decode(nxt, mask, pos, record))
-    return outs
 
 
 def test_build_writes_engine_timing_cache_and_manifest_entry(fake, bundle_dir):
@@ -117,14 +97,14 @@ def test_tensorrt_runtime_matches_ort_step_by_step(fake, bundle_dir, record):
     cudart, _, _ = fake
     build_engine(bundle_dir, max_batch=3, max_context=20)
     b = Bundle.load(bundle_dir)
-    ids, mask, pos = _left_padded([7, 3, 1], b.config.vocab_size)
+    ids, mask, pos = left_padded([7, 3, 1], b.config.vocab_size)
     with OrtRuntime(b, b.graph(), threads=1) as ref, TensorRTRuntime(b, b.graph()) as rt:
         allocated = len(cudart.memory)
-        want = _greedy(ref, ids, mask, pos, 8, record)
-        got = _greedy(rt, ids, mask, pos, 8, record)
+        want = greedy_steps(ref, ids, mask, pos, 8, record)
+        got = greedy_steps(rt, ids, mask, pos, 8, record)
         assert len(cudart.memory) == allocated  # nothing allocated per step
         assert rt._context.profile_switches == 2  # prefill -> decode once, not every step
-        again = _greedy(rt, ids[:1], mask[:1], pos[:1], 2, record)  # a new prefill with a smaller batch
+        again = greedy_steps(rt, ids[:1], mask[:1], pos[:1], 2, record)  # a new prefill with a smaller batch
     for step, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_array_equal(g.logits, w.logits, err_msg=f"step {step}")
         assert (g.attentions is None) == (not record)
@@ -137,12 +117,12 @@ def test_tensorrt_runtime_matches_ort_step_by_step(fake, bundle_dir, record):
 
 def test_ort_cuda_binding_logic_matches_ort_on_the_cpu_provider():
     b = Bundle.load(made("padded").bundle)
-    ids, mask, pos = _left_padded([5, 2], b.config.vocab_size, seed=4)
+    ids, mask, pos = left_padded([5, 2], b.config.vocab_size, seed=4)
     with OrtRuntime(b, b.graph(), threads=1) as ref, OrtCudaRuntime(b, b.graph(), 1, device="cpu") as rt:
-        want = _greedy(ref, ids, mask, pos, 6, True)
-        got = _greedy(rt, ids, mask, pos, 6, True)
+        want = greedy_steps(ref, ids, mask, pos, 6, True)
+        got = greedy_steps(rt, ids, mask, pos, 6, True)
         kv = {k: tuple(v.data_ptr() for v in pair) for k, pair in rt._kv.items()}
-        _greedy(rt, ids, mask, pos, 3, False)
+        greedy_steps(rt, ids, mask, pos, 3, False)
         assert kv == {k: tuple(v.data_ptr() for v in pair) for k, pair in rt._kv.items()}  # buffers reused
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.logits, w.logits)
@@ -185,8 +165,8 @@ def test_limits_of_the_engine_are_clear_errors(fake, bundle_dir):
     b = Bundle.load(bundle_dir)
     with TensorRTRuntime(b, b.graph()) as rt:
         with pytest.raises(GenerationError, match=r"batch 2 exceeds the engine's 1; gptdeploy build-engine"):
-            rt.prefill(*_left_padded([2, 2], 50))
-        _greedy(rt, *_left_padded([4], 50), 2, False)
+            rt.prefill(*left_padded([2, 2], 50))
+        greedy_steps(rt, *left_padded([4], 50), 2, False)
         with pytest.raises(ContextOverflowError, match=r"7 positions exceed the engine's 6"):
             rt.decode(np.ones((1, 1), dtype=np.int64), np.ones((1, 7), dtype=np.int64), np.full((1, 1), 6))
 
