@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes, expose_tied_weight, save_graph
+
 log = logging.getLogger(__name__)
 
 QUANTIZED = ("int8", "int4")
@@ -68,6 +70,7 @@ def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> Quantiza
     linear = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in _inits(proto)]
     sizes = {name: int(np.prod(_inits(proto)[name].dims)) for name in linear}
     untie_lm_head(proto)
+    expose_tied_weight(proto)  # wte is read by the Gather only now: no longer listed as an input
     sizes[LM_HEAD] = int(np.prod(_inits(proto)[LM_HEAD].dims))
     tables = gather_tables_to_fp16(proto)
     if precision == "int8":
@@ -131,17 +134,18 @@ def _int8(proto: onnx.ModelProto, out: Path) -> str:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "fp32.onnx"
-        _save(proto, src)
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        save_graph(proto, src)
         with _quiet():
             quantize_dynamic(
                 # Per tensor: per-channel alone was worse on the sample (perplexity +0.56% vs -0.00%,
                 # top-1 margin p99 0.66 vs 0.12 nats; with reduce_range it ties), measured.
-                src, out, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
+                src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
                 use_external_data_format=_too_big(proto),
                 # DefaultTensorType: the fused graph's contrib ops have no ONNX type inference.
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
             )
+        save_graph(onnx.load(str(dst)), out)  # our layout: aligned, memory-mappable external data
     return "onnxruntime quantize_dynamic: int8 weights (symmetric, per tensor), uint8 activations per call"
 
 
@@ -156,7 +160,7 @@ def _int4(proto: onnx.ModelProto, out: Path) -> str:
             op_types_to_quantize=("MatMul",),
         )
         q.process()
-    q.model.save_model_to_file(str(out), use_external_data_format=_too_big(q.model.model))
+    save_graph(q.model.model, out)
     return (f"onnxruntime MatMulNBits: int4 weights in blocks of {INT4_BLOCK} (symmetric, fp32 scale per block), "
             f"accuracy_level {INT4_ACCURACY_LEVEL} (int8 activations)")
 
@@ -164,8 +168,6 @@ def _int4(proto: onnx.ModelProto, out: Path) -> str:
 def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list[str], out: Path) -> QuantizationReport:
     report = QuantizationReport(method)
     quantized_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
-    from gptdeploy.exporters.onnx import _nbytes
-
     names = {t.name for t in q.graph.initializer}
     for name, n in sizes.items():
         if name not in names:  # replaced by its quantized form
@@ -190,16 +192,7 @@ def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list
 
 
 def _too_big(proto: onnx.ModelProto) -> bool:
-    from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes
-
     return sum(_nbytes(t) for t in proto.graph.initializer) > PROTO_LIMIT - (64 << 20)
-
-
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    if _too_big(proto):
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(path))
 
 
 class _quiet:

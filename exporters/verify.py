@@ -21,6 +21,9 @@ from gptdeploy.parity import ParityReport
 class VerifyResult:
     bundle: Bundle
     io_problems: list[str] = field(default_factory=list)
+    # graph name -> what TensorRT's parser would reject (empty: nothing), or None for a CPU graph
+    # for onnxruntime (quantized, or fused with contrib ops), which build-engine never takes
+    tensorrt: dict[str, list[str] | None] = field(default_factory=dict)
     parity: dict[str, ParityReport] = field(default_factory=dict)  # or AgreementReport for int8/int4
     source: Path | None = None
 
@@ -36,6 +39,7 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
     """
     import onnx
     from gptdeploy.exporters.fp16 import fp16_graph_problems
+    from gptdeploy.exporters.graph_checks import check_trt_operators
     from gptdeploy.exporters.onnx import graph_io_problems
     from gptdeploy.exporters.sources import load_source
 
@@ -44,9 +48,16 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
     for entry in bundle.manifest.graphs.values():
         graph_path = bundle.file(entry.file)
         result.io_problems += [f"{entry.name}: {p}" for p in graph_io_problems(graph_path, entry.signature)]
+        proto = onnx.load(str(graph_path), load_external_data=False)
         if entry.precision == "fp16":
-            proto = onnx.load(str(graph_path), load_external_data=False)
             result.io_problems += [f"{entry.name}: {p}" for p in fp16_graph_problems(proto, entry.signature)]
+        if entry.precision in ("int8", "int4") or any(n.domain not in ("", "ai.onnx") for n in proto.graph.node):
+            result.tensorrt[entry.name] = None  # quantized or fused: a CPU graph for onnxruntime
+        else:  # a build-engine input: anything TensorRT's parser would reject is a failure
+            found = check_trt_operators(graph_path)
+            result.tensorrt[entry.name] = found
+            result.io_problems += [f"{entry.name}: TensorRT would reject it: {p}" for p in found]
+        del proto
     if integrity_only:
         return result
     recorded = bundle.manifest.source.get("path")

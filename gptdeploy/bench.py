@@ -67,6 +67,7 @@ class Row:
     e2e_tps: dict = field(default_factory=dict)
     token_latency_ms: dict = field(default_factory=dict)  # p50/p90/p99 over every decode step
     peak_rss_mb: float = 0.0
+    model_mb: float = 0.0  # the bundle graph's weights + this configuration's KV cache (B x (T + n))
     peak_gpu_mb: float | None = None
     tokens: list[list[int]] = field(default_factory=list)  # generated ids of the last run
     ratio: dict = field(default_factory=dict)  # decode_tps / ttft vs the first baseline row
@@ -194,11 +195,22 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
                 }
                 python = plan.optimum_python if baseline == "optimum" else None
                 row = _run_worker(job, python or sys.executable)
+                row.model_mb = model_bytes(bundle, batch, plen + plan.new_tokens) / 2**20
                 rows.append(row)
                 if on_row:
                     on_row(row)
     add_ratios(rows)
     return rows
+
+
+def model_bytes(bundle: Bundle, batch: int, total_len: int) -> int:
+    """What any runtime must hold for one configuration: the graph's weights (its files, as
+    shipped) and a KV cache of `total_len` positions; peak RSS is reported against it."""
+    entry = bundle.graph()
+    weights = sum(bundle.file(f).stat().st_size for f in filter(None, (entry.file, entry.data_file)))
+    sig = entry.signature
+    kv = batch * total_len * sig.n_layer * 2 * sig.kv_heads * sig.head_dim * np.dtype(sig.kv_dtype).itemsize
+    return weights + kv
 
 
 def _run_worker(job: dict, python: str) -> Row:

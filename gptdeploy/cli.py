@@ -114,6 +114,7 @@ def verify(bundle: Path, source: Path | None, integrity_only: bool, as_json: boo
     if as_json:
         click.echo(json.dumps({
             "bundle": str(result.bundle.path), "passed": result.passed, "io_problems": result.io_problems,
+            "tensorrt_parser_check": result.tensorrt,
             "parity": {k: r.to_dict() for k, r in result.parity.items()},
         }, indent=2))
     else:
@@ -124,6 +125,7 @@ def verify(bundle: Path, source: Path | None, integrity_only: bool, as_json: boo
 
 
 def _print_verify(result) -> None:
+    from gptdeploy.exporters.trt_operators import TRT_VERSION
     from rich.console import Console
     from rich.table import Table
 
@@ -131,6 +133,11 @@ def _print_verify(result) -> None:
     m = result.bundle.manifest
     console.print(f"bundle {result.bundle.path}: {len(m.files)} files, SHA-256 ok; graph IO "
                   + ("ok" if not result.io_problems else "; ".join(result.io_problems)))
+    for name, found in result.tensorrt.items():
+        verdict = ("not checked: a CPU graph for onnxruntime (quantized or fused), never a TensorRT input" if found is None
+                   else "ok, every op and type is in the operator table" if not found
+                   else f"{len(found)} problem(s), listed above")
+        console.print(f"{name} graph, TensorRT {TRT_VERSION} parser check: {verdict}")
     for name, report in result.parity.items():
         table = Table(title=f"{name} graph vs {report.reference} (source {result.source})")
         for col in ("output", "max |diff|", "tolerance", "ok"):

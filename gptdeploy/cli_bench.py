@@ -87,7 +87,7 @@ def _table(rows: list[Row], plan: BenchPlan) -> None:
     table = Table(title=f"{plan.bundle} · {facts['cpu']} · {plan.threads} threads · "
                         f"{plan.new_tokens} new tokens · median of {plan.runs} runs")
     for col in ("backend", "batch", "prompt", "TTFT ms", "decode tok/s", "token p50/p90/p99 ms",
-                "e2e tok/s", "peak RSS MB", "vs first baseline (tok/s, TTFT)"):
+                "e2e tok/s", "peak RSS MB (x model)", "vs first baseline (tok/s, TTFT)"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in rows:
         if r.error:
@@ -99,7 +99,8 @@ def _table(rows: list[Row], plan: BenchPlan) -> None:
             r.label, str(r.batch), str(r.prompt_len), _fmt(r.ttft_s, scale=1e3),
             _fmt(r.decode_tps) + spread,
             f"{lat['p50']:.1f}/{lat['p90']:.1f}/{lat['p99']:.1f}" if lat else "-",
-            _fmt(r.e2e_tps), f"{r.peak_rss_mb:.0f}",
+            _fmt(r.e2e_tps),
+            f"{r.peak_rss_mb:.0f} ({r.peak_rss_mb / r.model_mb:.2f}x)" if r.model_mb else f"{r.peak_rss_mb:.0f}",
             f"{r.ratio['decode_tps']:.2f}x, {r.ratio['ttft']:.2f}x" if r.ratio else "",
         )
     import sys

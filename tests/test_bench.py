@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from gptdeploy.bench import BenchPlan, Row, add_ratios, latency_percentiles, prompt_ids, run_plan, stats, to_json
+from gptdeploy.bundle import Bundle
 from gptdeploy.cli import cli
 from gptdeploy.exporters.export import export_bundle
 from tests.factories import make_hf_gpt2_dir
@@ -72,6 +73,12 @@ def test_json_schema_and_equal_tokens_across_torch_ort_hf(tiny):
     for batch in (1, 2):
         tokens = {r["kind"]: r["tokens"] for r in doc["rows"] if r["batch"] == batch}
         assert tokens["ort"] == tokens["torch"] == tokens["hf"], tokens
+    b = Bundle.load(bundle)
+    sig = b.graph().signature
+    weights = b.file("model.onnx").stat().st_size
+    for r in doc["rows"]:  # 4-byte KV entries of (6 prompt + 6 new) positions, every layer, K and V
+        kv = r["batch"] * 12 * sig.n_layer * 2 * sig.kv_heads * sig.head_dim * 4
+        assert r["model_mb"] == pytest.approx((weights + kv) / 2**20)
     ort_row = next(r for r in doc["rows"] if r["kind"] == "ort")
     hf_row = next(r for r in doc["rows"] if r["kind"] == "hf")
     assert ort_row["peak_rss_mb"] < hf_row["peak_rss_mb"]  # the ort worker never loads torch

@@ -10,7 +10,10 @@ import torch
 
 from gptdeploy import contract as io
 from gptdeploy.config import GPTConfig
-from gptdeploy.exporters.onnx import export_onnx, graph_io_problems
+from gptdeploy.exporters.onnx import (
+    ALIGN, INLINE_MAX_BYTES, export_onnx, expose_tied_weight, graph_inputs, graph_io_problems,
+)
+from gptdeploy.exporters.quantize import untie_lm_head
 from gptdeploy.modeling import GPT
 from gptdeploy.parity import positions
 
@@ -128,15 +131,61 @@ def test_attentions_can_be_left_out(tmp_path):
 
 
 def test_forced_external_data_round_trips(tmp_path):
-    """The >2 GB path (weights in model.onnx.data), forced on a small model."""
-    model = _model(n_layer=1)
+    """Weights in model.onnx.data (the default from EXTERNAL_MIN_BYTES, forced on a small model):
+    every tensor of INLINE_MAX_BYTES or more is external, each of ALIGN bytes or more starts at an
+    ALIGN multiple (memory-mappable), and the graph still computes what torch computes."""
+    model = _model(n_layer=1, n_embd=128, n_head=4, vocab_size=301)  # wte 154 KB, c_fc 262 KB: > ALIGN
     sig, data = export_onnx(model, tmp_path / "model.onnx", external_data=True)
     assert data == "model.onnx.data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
-    assert (tmp_path / "model.onnx").stat().st_size < 20_000  # graph only
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["model.onnx.data"] == modes["model.onnx"]  # the user's umask, not onnx's 0600
+    proto = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    external = {}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == "model.onnx.data"
+            external[t.name] = (int(info["offset"]), int(info["length"]))
+        else:
+            assert len(t.raw_data) < INLINE_MAX_BYTES, t.name
+    big = {n: off for n, (off, length) in external.items() if length >= ALIGN}
+    assert {"wte.weight", "h.0.mlp.c_fc.weight", "h.0.attn.c_attn.weight"} <= set(big)
+    assert all(off % ALIGN == 0 for off in big.values()), big
+    spans = sorted(external.values())
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), "tensors overlap"
+    assert (tmp_path / "model.onnx.data").stat().st_size == spans[-1][0] + spans[-1][1]
     sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     outs, logits, _, _ = _run_both(model, sess, sig, B=1, P=0, T=4)
     np.testing.assert_allclose(outs[io.LOGITS], logits.numpy(), atol=LOGITS_TOL, rtol=0)
+
+
+def test_small_graphs_stay_in_one_file(tmp_path):
+    _, data = export_onnx(_model(n_layer=1), tmp_path / "model.onnx")
+    assert data is None and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_tied_embedding_is_an_overridable_input_not_a_runtime_input(exported):
+    """wte is listed as a graph input (so onnxruntime does not pre-pack a second copy of it for
+    the lm_head), which must not leak into the contract: onnxruntime's runtime inputs, the IO
+    check and TensorRT's parser all leave initializer-backed inputs out."""
+    _, path, sig, sess = exported
+    proto = onnx.load(str(path), load_external_data=False)
+    assert [v.name for v in proto.graph.input if v.name == "wte.weight"] == ["wte.weight"]
+    assert [v.name for v in graph_inputs(proto)] == [s.name for s in sig.inputs()]
+    assert [i.name for i in sess.get_inputs()] == [s.name for s in sig.inputs()]
+    assert [i.name for i in sess.get_overridable_initializers()] == ["wte.weight"]
+
+
+def test_expose_tied_weight_is_idempotent_and_drops_an_untied_listing(exported):
+    _, path, _, _ = exported
+    proto = onnx.load(str(path))
+    before = [v.name for v in proto.graph.input]
+    expose_tied_weight(proto)
+    assert [v.name for v in proto.graph.input] == before
+    untie_lm_head(proto)  # the lm_head gets its own matrix; wte is only gathered now
+    expose_tied_weight(proto)
+    assert "wte.weight" not in [v.name for v in proto.graph.input]
 
 
 def test_grouped_query_attention_exports(tmp_path):

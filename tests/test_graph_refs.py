@@ -148,7 +148,7 @@ def test_exported_graphs_agree_with_onnx(tmp_path):
     reloaded = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
     assert [(r.tensor, r.location) for r in refs] == [
         (t.name, data_file) for t in _get_all_tensors(reloaded) if uses_external_data(t)]
-    assert len(refs) == len(proto.graph.initializer) > 10
+    assert 8 < len(refs) < len(proto.graph.initializer)  # small tensors stay inline: a mixed graph
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bad wire type", "runaway varint"])

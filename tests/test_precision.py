@@ -310,3 +310,31 @@ def test_precision_flags_are_mutually_exclusive(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "mutually exclusive" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------ verify: TensorRT parse
+
+
+def test_verify_checks_tensorrt_parsing_of_standard_op_graphs_only(tiny):
+    """fp32 and fp16 graphs are build-engine inputs: verify runs the operator-table check on them.
+    Fused and quantized graphs carry onnxruntime contrib ops and are reported as not checked."""
+    from gptdeploy.exporters.verify import verify_bundle
+
+    _, bundles = tiny
+    found = {k: verify_bundle(r.bundle.path, integrity_only=True).tensorrt for k, r in bundles.items()}
+    assert found == {"fp32": {"fp32": []}, "fp16": {"fp16": []}, "fast": {"fp32": None},
+                     "int8": {"int8": None}, "int4-fast": {"int4": None}}
+    r = CliRunner().invoke(cli, ["verify", str(bundles["fp16"].bundle.path), "--integrity-only"])
+    assert r.exit_code == 0 and "fp16 graph, TensorRT 10.15 parser check: ok" in r.output
+    r = CliRunner().invoke(cli, ["verify", str(bundles["fast"].bundle.path), "--integrity-only", "--json"])
+    assert json.loads(r.stdout)["tensorrt_parser_check"] == {"fp32": None}
+
+
+def test_verify_fails_on_what_tensorrt_would_reject(tiny, monkeypatch):
+    import gptdeploy.exporters.graph_checks as checks
+
+    _, bundles = tiny
+    monkeypatch.setattr(checks, "check_trt_operators", lambda path: ["op Foo is not in the table (1 node, first n)"])
+    r = CliRunner().invoke(cli, ["verify", str(bundles["fp16"].bundle.path), "--integrity-only"])
+    assert r.exit_code == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: verification failed: fp16: TensorRT would reject it")
