@@ -9,4 +9,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gptdeploy.exporters' has no attribute {name!r}")
 
 
-__all__ = ["export_bundle", "ExportResult"]
+__all__ = ["ExportResult", "export_bundle"]

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from gptdeploy.exporters.trt_operators import OPERATORS, OPSET_MAX, OPSET_MIN, TRT_VERSION
 from onnx import TensorProto, helper
 
 from gptdeploy import contract as io
-from gptdeploy.exporters.trt_operators import OPERATORS, OPSET_MAX, OPSET_MIN, TRT_VERSION
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 # ONNX element type -> the type names of the TensorRT operator table.
@@ -236,4 +236,4 @@ def check_trt_operators(onnx_path: str | Path) -> list[str]:
     return problems
 
 
-__all__ = ["PrecisionPlan", "precision_plan", "check_trt_operators"]
+__all__ = ["PrecisionPlan", "check_trt_operators", "precision_plan"]

@@ -21,7 +21,6 @@ import torch
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
-from gptdeploy import contract as io
 from gptdeploy.contract import GraphSignature
 from gptdeploy.modeling import GPT
 
@@ -291,4 +290,4 @@ def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
     return problems
 
 
-__all__ = ["export_onnx", "expose_tied_weight", "graph_inputs", "graph_io_problems", "save_graph", "signature_for", "OPSET"]
+__all__ = ["OPSET", "export_onnx", "expose_tied_weight", "graph_inputs", "graph_io_problems", "save_graph", "signature_for"]

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes, expose_tied_weight, save_graph
+from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 

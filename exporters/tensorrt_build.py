@@ -14,8 +14,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptdeploy.errors import BackendUnavailable, ExportError
 from gptdeploy.runtimes import cuda_memory
+
+from gptdeploy.errors import BackendUnavailable, ExportError
 
 log = logging.getLogger(__name__)
 

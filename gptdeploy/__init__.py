@@ -4,7 +4,7 @@ from gptdeploy.errors import GptDeployError
 
 __version__ = "0.1.0"
 
-__all__ = ["GptDeployError", "Generator", "__version__"]
+__all__ = ["Generator", "GptDeployError", "__version__"]
 
 
 def __getattr__(name: str):

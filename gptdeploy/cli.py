@@ -125,9 +125,10 @@ def verify(bundle: Path, source: Path | None, integrity_only: bool, as_json: boo
 
 
 def _print_verify(result) -> None:
-    from gptdeploy.exporters.trt_operators import TRT_VERSION
     from rich.console import Console
     from rich.table import Table
+
+    from gptdeploy.exporters.trt_operators import TRT_VERSION
 
     console = Console()
     m = result.bundle.manifest

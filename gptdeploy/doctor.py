@@ -13,10 +13,10 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 SMI_FIELDS = "name,compute_cap,memory.total,driver_version"
 PACKAGES = {  # report name -> (modules to try importing, distributions that provide it)
@@ -253,4 +253,4 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Report", "Gpu", "BackendStatus", "Probes", "diagnose", "render", "backend_status"]
+__all__ = ["BackendStatus", "Gpu", "Probes", "Report", "backend_status", "diagnose", "render"]

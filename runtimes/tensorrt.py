@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-
-from gptdeploy import contract as io
-from gptdeploy.bundle import Bundle, GraphEntry
-from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
 from gptdeploy.exporters.tensorrt import PHASES, buffer_shapes, rebuild_command, select_engine
 from gptdeploy.exporters.tensorrt_build import import_tensorrt
 from gptdeploy.runtimes import cuda_memory
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
+
+from gptdeploy import contract as io
+from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,5 @@ def tensorrt_missing() -> str | None:
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("tensorrt") and (reason := tensorrt_missing()):
-            item.add_marker(pytest.mark.skip(reason=reason))
-        elif item.get_closest_marker("gpu") and (reason := gpu_missing()):
+        if item.get_closest_marker("tensorrt") and (reason := tensorrt_missing()) or item.get_closest_marker("gpu") and (reason := gpu_missing()):
             item.add_marker(pytest.mark.skip(reason=reason))

@@ -20,18 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-
 # ---------------------------------------------------------------------------------- cudart
 
 
 class FakeCudart(types.ModuleType):
     """cuda.bindings.runtime: every call returns (cudaError_t, *values)."""
 
-    class cudaError_t:  # noqa: N801 - the binding's name
+    class cudaError_t:
         cudaSuccess = 0
         cudaErrorMemoryAllocation = 2
 
-    class cudaMemcpyKind:  # noqa: N801
+    class cudaMemcpyKind:
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
@@ -42,40 +41,40 @@ class FakeCudart(types.ModuleType):
         self._next = 1 << 32
         self.streams: set[str] = set()
 
-    def cudaGetErrorName(self, err):  # noqa: N802
+    def cudaGetErrorName(self, err):
         return 0, b"cudaErrorFake%d" % int(err)
 
-    def cudaGetDeviceCount(self):  # noqa: N802
+    def cudaGetDeviceCount(self):
         return (0, self.devices) if self.devices else (100, 0)  # 100: cudaErrorNoDevice
 
-    def cudaGetDeviceProperties(self, i):  # noqa: N802
+    def cudaGetDeviceProperties(self, i):
         return 0, types.SimpleNamespace(
             name=self.gpu_name, major=self.cc[0], minor=self.cc[1], totalGlobalMem=80 << 30
         )
 
-    def cudaDriverGetVersion(self):  # noqa: N802
+    def cudaDriverGetVersion(self):
         return 0, 12040
 
-    def cudaMalloc(self, n):  # noqa: N802
+    def cudaMalloc(self, n):
         base, self._next = self._next, self._next + ((n + 4095) // 4096 + 1) * 4096
         self.memory[base] = np.zeros(n, dtype=np.uint8)
         return 0, base
 
-    def cudaFree(self, ptr):  # noqa: N802
+    def cudaFree(self, ptr):
         if ptr not in self.memory:
             return (1,)  # cudaErrorInvalidValue
         del self.memory[ptr]
         return (0,)
 
-    def cudaStreamCreate(self):  # noqa: N802
+    def cudaStreamCreate(self):
         handle = f"stream-{len(self.streams)}"
         self.streams.add(handle)
         return 0, handle
 
-    def cudaStreamSynchronize(self, s):  # noqa: N802
+    def cudaStreamSynchronize(self, s):
         return (0,) if s in self.streams else (400,)
 
-    def cudaStreamDestroy(self, s):  # noqa: N802
+    def cudaStreamDestroy(self, s):
         self.streams.discard(s)
         return (0,)
 
@@ -86,7 +85,7 @@ class FakeCudart(types.ModuleType):
                 return mem[addr - base : addr - base + nbytes]
         raise AssertionError(f"device access {addr:#x}+{nbytes} outside every allocation")
 
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):  # noqa: N802
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
         assert stream in self.streams, "copy on a destroyed stream"
         if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
             self.view(dst, n)[:] = np.frombuffer(ctypes.string_at(src, n), dtype=np.uint8)

@@ -6,11 +6,20 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from gptdeploy.exporters.export import export_bundle
 
-from gptdeploy.bench import BenchPlan, Row, add_ratios, latency_percentiles, prompt_ids, run_plan, stats, to_json
+from gptdeploy.bench import (
+    BenchPlan,
+    Row,
+    add_ratios,
+    latency_percentiles,
+    prompt_ids,
+    run_plan,
+    stats,
+    to_json,
+)
 from gptdeploy.bundle import Bundle
 from gptdeploy.cli import cli
-from gptdeploy.exporters.export import export_bundle
 from tests.factories import make_hf_gpt2_dir
 
 

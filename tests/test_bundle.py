@@ -7,7 +7,17 @@ import os
 
 import pytest
 
-from gptdeploy.bundle import MANIFEST, SCHEMA, Bundle, GraphEntry, Manifest, TokenizerEntry, confined, sha256_file, write_manifest
+from gptdeploy.bundle import (
+    MANIFEST,
+    SCHEMA,
+    Bundle,
+    GraphEntry,
+    Manifest,
+    TokenizerEntry,
+    confined,
+    sha256_file,
+    write_manifest,
+)
 from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
 from gptdeploy.errors import BundleError

@@ -7,13 +7,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from gptdeploy.exporters.onnx import (
+    ALIGN,
+    INLINE_MAX_BYTES,
+    export_onnx,
+    expose_tied_weight,
+    graph_inputs,
+    graph_io_problems,
+)
+from gptdeploy.exporters.quantize import untie_lm_head
 
 from gptdeploy import contract as io
 from gptdeploy.config import GPTConfig
-from gptdeploy.exporters.onnx import (
-    ALIGN, INLINE_MAX_BYTES, export_onnx, expose_tied_weight, graph_inputs, graph_io_problems,
-)
-from gptdeploy.exporters.quantize import untie_lm_head
 from gptdeploy.modeling import GPT
 from gptdeploy.parity import positions
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gptdeploy.exporters.tensorrt import build_engine
+from gptdeploy.runtimes.ort import OrtRuntime
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BundleError
-from gptdeploy.exporters.tensorrt import build_engine
-from gptdeploy.runtimes.ort import OrtRuntime
 from tests.factories import make_hf_gpt2_dir
 from tests.runtime_bundles import copy_bundle, left_padded, made, write_bundle
 
@@ -51,9 +51,10 @@ def gpt2_bundle(tmp_path_factory) -> Path:
 
 def _fp16_bundle(root: Path) -> Path:
     """The padded test model as an fp16 graph (the fp16 exporter's path), with its fp32 twin."""
-    from gptdeploy import modeling
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
+
+    from gptdeploy import modeling
 
     if not hasattr(modeling, "to_fp16"):
         pytest.skip("gptdeploy.modeling.to_fp16 (fp16 graph export) is not in this tree yet")
@@ -115,8 +116,9 @@ def test_gpt2_shaped_engine_builds_fast_with_a_warm_cache_and_matches_ort(
 
 @pytest.mark.tensorrt
 def test_fp16_engine_within_the_fp16_tolerances(tmp_path):
-    from gptdeploy.parity import TOLERANCES
     from gptdeploy.runtimes.tensorrt import TensorRTRuntime
+
+    from gptdeploy.parity import TOLERANCES
 
     if "fp16" not in TOLERANCES:
         pytest.skip("gptdeploy.parity.TOLERANCES has no fp16 table yet")
@@ -155,7 +157,6 @@ def test_an_engine_for_another_gpu_is_refused_with_the_rebuild_command(tmp_path)
 @pytest.mark.gpu
 def test_ort_cuda_tokens_equal_ort():
     import onnxruntime as ort
-
     from gptdeploy.runtimes.ort_cuda import OrtCudaRuntime
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -176,8 +177,9 @@ def test_ort_cuda_tokens_equal_ort():
 
 @pytest.mark.tensorrt
 def test_bench_rows_for_tensorrt_and_ort_cuda(tmp_path):
-    from gptdeploy.bench import BenchPlan, run_plan
     from gptdeploy.runtimes.base import BACKENDS
+
+    from gptdeploy.bench import BenchPlan, run_plan
 
     if BACKENDS["tensorrt"].module is None:
         pytest.skip("the tensorrt backend is not registered in gptdeploy.runtimes.base.BACKENDS yet")

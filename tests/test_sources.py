@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from gptdeploy.exporters.sources import load_source
 from tokenizers import Tokenizer
 
-from gptdeploy.exporters.sources import load_source
 from gptdeploy.modeling import GPT, load_state
 from tests.factories import make_hf_gpt2_dir, make_nanogpt_ckpt, meta_vocab, tokenizer_json
 

@@ -14,14 +14,6 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from onnx import TensorProto, helper
-
-from gptdeploy import contract as io
-from gptdeploy.bundle import Bundle
-from gptdeploy.contract import GraphSignature
-from gptdeploy.errors import BundleError, ExportError
 from gptdeploy.exporters import tensorrt as trt_plan
 from gptdeploy.exporters.graph_checks import check_trt_operators, precision_plan
 from gptdeploy.exporters.tensorrt import (
@@ -37,6 +29,14 @@ from gptdeploy.exporters.tensorrt import (
     trt_release,
 )
 from gptdeploy.exporters.trt_operators import OPERATORS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from gptdeploy import contract as io
+from gptdeploy.bundle import Bundle
+from gptdeploy.contract import GraphSignature
+from gptdeploy.errors import BundleError, ExportError
 from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
 from tests.runtime_bundles import copy_bundle, made
 
@@ -339,10 +339,10 @@ def test_precision_plan_of_fp16_graphs_checks_the_fp32_rules(tmp_path):
 
 def test_precision_plan_and_operator_check_of_an_exported_fp16_graph(tmp_path):
     import torch
+    from gptdeploy.exporters.onnx import export_onnx
 
     from gptdeploy import modeling
     from gptdeploy.config import GPTConfig
-    from gptdeploy.exporters.onnx import export_onnx
 
     if not hasattr(modeling, "to_fp16"):
         pytest.skip("gptdeploy.modeling.to_fp16 (the fp16 graph export) is not in this tree yet")

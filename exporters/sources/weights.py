@@ -40,7 +40,7 @@ def read_torch(path: Path) -> object:
                 "(e.g. torch.save({'model': model.state_dict(), ...}))"
             ) from None
         # torch wraps the unpickler's one useful line in a paragraph about weights_only; keep the line.
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.S)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", message, re.DOTALL)
         detail = _one_line(exc)[:200] if detail is None else " ".join(detail.group(1).split())[:200]
         raise SourceError(
             f"{path} is truncated, corrupt or not a PyTorch checkpoint ({detail}); "
