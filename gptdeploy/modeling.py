@@ -54,7 +54,7 @@ class Attention(nn.Module):
         self.scale = scale
 
     def forward(
-        self, x: torch.Tensor, allowed: torch.Tensor, past: KV
+        self, x: torch.Tensor, bias: torch.Tensor, past: KV
     ) -> tuple[torch.Tensor, KV, torch.Tensor]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split([C, self.n_kv * self.hs, self.n_kv * self.hs], dim=2)
@@ -70,8 +70,11 @@ class Attention(nn.Module):
         # The product runs in the model dtype; scale, mask and softmax always in fp32 (exp
         # overflows fp16, and an fp16 scale would round the scores a second time).
         att = _as(q @ kr.transpose(-2, -1), torch.float32) * self.scale  # (B, nh, T, S) fp32
-        # finfo.min, not -inf: a fully masked row (a left-pad query) becomes uniform, not NaN.
-        att = att.masked_fill(~allowed, torch.finfo(torch.float32).min)  # (B, nh, T, S)
+        # The mask as an additive bias (0 or finfo.min, see GPT.forward): the same scores as
+        # masked_fill, since finfo.min + s rounds to finfo.min for any |s| < 2^103, and a
+        # broadcast Add over the heads costs a fifth of a broadcast Where (5.5 -> ~1 ms a layer
+        # at prompt 512 in onnxruntime, measured on GPT-2-124M).
+        att = att + bias  # (B, nh, T, S)
         probs = F.softmax(att, dim=-1)  # (B, nh, T, S) fp32
         y = _as(probs, vr.dtype) @ vr  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
@@ -86,7 +89,14 @@ class MLP(nn.Module):
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        h = self.c_fc(x)
+        if self.approximate == "none":
+            return self.c_proj(F.gelu(h))
+        # gelu_new, spelled as onnxruntime's FastGelu fusion expects it: (0.5 * x) * (1 + tanh(...)).
+        # torch's own decomposition ends in `* 0.5`, which onnxruntime folds into the next MatMul
+        # first, and the GELU then runs as eight separate ops. Same value: * 0.5 is exact.
+        inner = math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))
+        return self.c_proj((0.5 * h) * (1.0 + torch.tanh(inner)))
 
 
 class Block(nn.Module):
@@ -97,8 +107,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, past: KV):
-        a, present, probs = self.attn(self.ln_1(x), allowed, past)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, past: KV):
+        a, present, probs = self.attn(self.ln_1(x), bias, past)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, probs
@@ -135,11 +145,14 @@ class GPT(nn.Module):
         query_pos = torch.arange(T, device=input_ids.device) + P  # (T,)
         causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
         allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)  # (B, 1, T, S)
+        # finfo.min, not -inf: a fully masked row (a left-pad query) becomes uniform, not NaN.
+        zero = torch.zeros((), dtype=torch.float32)
+        bias = torch.where(allowed, zero, torch.finfo(torch.float32).min)  # (B, 1, T, S), once for all layers
 
         x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         presents, attentions = [], []
         for block, layer_past in zip(self.h, past):
-            x, present, probs = block(x, allowed, layer_past)
+            x, present, probs = block(x, bias, layer_past)
             presents.append(present)
             attentions.append(probs)
         if last_logits_only:
