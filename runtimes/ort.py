@@ -42,6 +42,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     so.inter_op_num_threads = 1  # one sequential chain of ops: a second pool only adds wake-ups
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Memory patterns pre-plan one block per input-shape set; every decode step has new shapes,
+    # and at prefill 512 the planned block held 49 MiB more than allocating per tensor, for the
+    # same speed (GPT-2-124M: 819 -> 770 MiB peak, 581 vs 579 ms, measured).
+    so.enable_mem_pattern = False
     so.log_severity_level = 3  # errors only; optimizer notes are not the user's business
     return so
 
@@ -72,6 +76,7 @@ class OrtRuntime(RuntimeBase):
         self._present_names = sig.present_names()
         self._attention_names = sig.attention_names()
         self._n_kv = len(self._present_names)
+        self._n_head = sig.n_head
         self._kv_dtype = np.dtype(sig.kv_dtype)
         self._kv_shape = (sig.kv_heads, sig.head_dim)
         self._cpu = ort.OrtDevice.make("cpu", 0)._get_c_device()
@@ -111,6 +116,18 @@ class OrtRuntime(RuntimeBase):
         if record_attention:
             for name in self._attention_names:
                 b.bind_output(name, cpu)
+        elif self._attention_names:
+            # An audit graph computes every layer's attention probabilities whether or not they are
+            # fetched, and onnxruntime keeps each graph output until the run ends: 12 x 12.6 MB at
+            # prompt 512 on GPT-2-124M. Not recording, all of them are bound to one scratch buffer.
+            # Layer i+1's softmax depends (through the residual stream) on layer i's probs @ V, so
+            # each layer's probabilities are consumed before the next layer overwrites them; the
+            # values are never read. Peak 770 -> 658 MiB at prompt 512, logits bit-identical (measured).
+            scratch = np.empty((ids.shape[0], self._n_head, ids.shape[1], mask.shape[1]), np.float32)
+            self._keep += (scratch,)
+            value = C.OrtValue.ortvalue_from_numpy(scratch, cpu)
+            for name in self._attention_names:
+                b.bind_ortvalue_output(name, value)
         try:
             self._session._sess.run_with_iobinding(b, None)
         except _ORT_ERRORS as exc:
@@ -118,7 +135,7 @@ class OrtRuntime(RuntimeBase):
             raise GenerationError(
                 f"onnxruntime failed running {self.graph.file!r}: {_first_line(exc)}"
             ) from None
-        outs = b.get_outputs()  # in binding order: logits, presents, attentions
+        outs = b.get_outputs()  # in binding order: logits, presents, attentions (or the scratch)
         n = self._n_kv
         self._past = [outs[i] for i in range(1, 1 + n)]
         attentions = (

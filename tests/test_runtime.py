@@ -87,6 +87,25 @@ def test_ort_keeps_the_kv_cache_as_ortvalues_and_fetches_attention_only_on_reque
         assert rt.past_length == 0 and rt._past == []
 
 
+def test_unrecorded_attention_shares_one_scratch_buffer_without_changing_any_value(bundle):
+    """Not recording, every layer's attention output is bound to one scratch buffer (so that a long
+    prefill does not hold n_layer probability tensors): logits and KV cache stay bit-identical to a
+    recording run, step by step, with left padding."""
+    ids, mask, pos = _left_padded([6, 2, 4], bundle.config.vocab_size, seed=5)
+    with open_runtime(bundle, "ort", threads=1) as rt:
+        recorded = greedy_steps(rt, ids, mask, pos, 4, record=True)
+        kv_recorded = [v.numpy() for v in rt._past]
+        plain = greedy_steps(rt, ids, mask, pos, 4, record=False)
+        kv_plain = [v.numpy() for v in rt._past]
+        scratch = rt._keep[-1]
+    assert scratch.shape == (3, bundle.config.n_head, 1, ids.shape[1] + 4)  # the last decode step's
+    for step, (a, b) in enumerate(zip(recorded, plain)):
+        np.testing.assert_array_equal(a.logits, b.logits, err_msg=f"step {step}")
+        assert b.attentions is None
+    for a, b in zip(kv_recorded, kv_plain):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_prefill_restarts_the_cache_and_gives_the_same_logits(bundle):
     ids, mask, pos = _left_padded([5, 2], bundle.config.vocab_size, seed=3)
     with open_runtime(bundle, "ort", threads=1) as rt:
