@@ -124,7 +124,9 @@ def run_baseline(job: dict) -> Row:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = job["threads"], 1
         model = ORTModelForCausalLM.from_pretrained(job["source"], export=True, session_options=so)
-        row = Row("optimum (ORTModelForCausalLM)", "optimum", None, B, T, n)
+        from importlib.metadata import version
+
+        row = Row(f"optimum {version('optimum')} (ORTModelForCausalLM)", "optimum", None, B, T, n)
     row.load_s = time.perf_counter() - t0
     mask = torch.ones_like(ids)
     # Equal conditions: the runtimes never pick ids past the tokenizer's vocabulary (padding

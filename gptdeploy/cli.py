@@ -68,7 +68,7 @@ def cli() -> None:
 @click.option("--no-attentions", is_flag=True, help="Leave attention outputs out (no audit); CPU graphs are then fused, fastest.")
 @click.option("--all-logits", is_flag=True, help="Return logits for every position, not only the last (for scoring text).")
 @click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out UTF-8 text for the --int8/--int4 perplexity check (default: the sample corpus's validation split).")
-@click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 2 GB.")
+@click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 32 MiB (the default from there up).")
 def export(
     source: Path, out: Path, tokenizer: Path | None, force: bool, fp16: bool, int8: bool, int4: bool,
     no_attentions: bool, all_logits: bool, eval_text: Path | None, external_data: bool,
