@@ -125,12 +125,12 @@ def save_graph(proto: onnx.ModelProto, path: Path, external_data: bool | None = 
     external_data None: weights of EXTERNAL_MIN_BYTES or more go to `<name>.data`, each large
     tensor at an ALIGN-aligned offset so that onnxruntime memory-maps it instead of copying it
     (ONNX's ExternalData.md: offsets must be page / allocation-granularity multiples for mmap).
-    On GPT-2-124M that and `expose_tied_weight` take the `ort` runtime's peak memory from 919 to
+    On GPT-2-124M that and `expose_gemv_weights` take the `ort` runtime's peak memory from 919 to
     576 MiB, 1.89x to 1.19x the weights plus KV cache (measured; README "Memory").
     True forces it, False forbids it.
     """
     path = Path(path)
-    expose_tied_weight(proto)
+    expose_gemv_weights(proto)
     weight_bytes = sum(_nbytes(t) for t in proto.graph.initializer)
     if external_data is None:
         external_data = weight_bytes >= EXTERNAL_MIN_BYTES
@@ -164,27 +164,33 @@ def _to_external_data(proto: onnx.ModelProto, data_file: str) -> None:
         offset += n
 
 
-def expose_tied_weight(proto: onnx.ModelProto) -> None:
-    """List a matrix read both by a Gather and by a Gemm (the tied embedding) as a graph input.
+def expose_gemv_weights(proto: onnx.ModelProto) -> None:
+    """List every initializer a Gemm(transB=1) reads as its B as a graph input (an overridable
+    initializer), and no other initializer.
 
-    An initializer that is also a graph input is one the caller may override, so onnxruntime
-    does not treat it as constant: it does not pre-pack it for the Gemm. Pre-packing copies
-    the whole matrix (a third of GPT-2's weights) into a second, private buffer while the
-    Gather keeps the original; without it the one matrix serves both. The lm_head runs as a
-    one-row GEMV at every step (decode, and prefill with last-position logits), where
-    onnxruntime's unpacked kernel is as fast as the packed one (4.97 vs 5.30 ms for
-    (1, 768) x (50257, 768)^T, measured). TensorRT's parser treats such inputs as weights.
-    Idempotent; a listing no longer backed by a shared matrix (an untied lm_head) is removed.
+    onnxruntime does not treat an overridable initializer as constant, so it does not pre-pack
+    it: the Gemm reads the stored (N, K) matrix in place, row by row. Two graphs use this:
+
+    - every graph's lm_head, a Gemm on the tied embedding. Pre-packing would copy the whole
+      matrix (a third of GPT-2's weights) into a private buffer while the Gather keeps the
+      original. The lm_head is a one-row GEMV at every step (decode, and prefill with
+      last-position logits), where the unpacked kernel is as fast as the packed one (4.97 vs
+      5.30 ms for (1, 768) x (50257, 768)^T, measured).
+    - the fp32 fast graph's Linear layers (fusion.linears_as_gemv), for decode speed.
+
+    TensorRT's parser treats such inputs as weights. Idempotent. When the lm_head is untied
+    for quantization, its listing is removed.
     """
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    gathered = {n.input[0] for n in g.node if n.op_type == "Gather" and n.input[0] in inits}
-    gemm = {n.input[1] for n in g.node if n.op_type == "Gemm" and n.input[1] in inits}
-    tied = gathered & gemm
-    for v in [v for v in g.input if v.name in inits and v.name not in tied]:
+    gemv = {
+        n.input[1] for n in g.node
+        if n.op_type == "Gemm" and n.input[1] in inits and any(a.name == "transB" and a.i == 1 for a in n.attribute)
+    }
+    for v in [v for v in g.input if v.name in inits and v.name not in gemv]:
         g.input.remove(v)
     listed = {v.name for v in g.input}
-    for name in sorted(tied - listed):
+    for name in sorted(gemv - listed):
         g.input.append(helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)))
 
 
@@ -291,4 +297,4 @@ def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
     return problems
 
 
-__all__ = ["OPSET", "export_onnx", "expose_tied_weight", "graph_inputs", "graph_io_problems", "save_graph", "signature_for"]
+__all__ = ["OPSET", "export_onnx", "expose_gemv_weights", "graph_inputs", "graph_io_problems", "save_graph", "signature_for"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes, expose_tied_weight, save_graph
+from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes, expose_gemv_weights, save_graph
 from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> Quantiza
     linear = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in _inits(proto)]
     sizes = {name: int(np.prod(_inits(proto)[name].dims)) for name in linear}
     untie_lm_head(proto)
-    expose_tied_weight(proto)  # wte is read by the Gather only now: no longer listed as an input
+    expose_gemv_weights(proto)  # wte is read by the Gather only now: no longer listed as an input
     sizes[LM_HEAD] = int(np.prod(_inits(proto)[LM_HEAD].dims))
     tables = gather_tables_to_fp16(proto)
     if precision == "int8":

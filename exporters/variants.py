@@ -111,7 +111,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     if not options.fused:
         return built
     stage("fusing attention, GELU and LayerNorm for onnxruntime")
-    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig)
+    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, decode_layout=options.precision == "fp32")
     built.graph_info["fusion"] = fusion.to_dict()
     with tempfile.TemporaryDirectory(prefix=".fused-", dir=path.parent) as tmp:
         fused_path = Path(tmp) / path.name  # same names, so the graph's external-data link stays valid

@@ -11,7 +11,7 @@ from gptdeploy.exporters.onnx import (
     ALIGN,
     INLINE_MAX_BYTES,
     export_onnx,
-    expose_tied_weight,
+    expose_gemv_weights,
     graph_inputs,
     graph_io_problems,
 )
@@ -182,14 +182,14 @@ def test_tied_embedding_is_an_overridable_input_not_a_runtime_input(exported):
     assert [i.name for i in sess.get_overridable_initializers()] == ["wte.weight"]
 
 
-def test_expose_tied_weight_is_idempotent_and_drops_an_untied_listing(exported):
+def test_expose_gemv_weights_is_idempotent_and_drops_an_untied_listing(exported):
     _, path, _, _ = exported
     proto = onnx.load(str(path))
     before = [v.name for v in proto.graph.input]
-    expose_tied_weight(proto)
+    expose_gemv_weights(proto)
     assert [v.name for v in proto.graph.input] == before
     untie_lm_head(proto)  # the lm_head gets its own matrix; wte is only gathered now
-    expose_tied_weight(proto)
+    expose_gemv_weights(proto)
     assert "wte.weight" not in [v.name for v in proto.graph.input]
 
 
