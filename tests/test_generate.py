@@ -30,15 +30,7 @@ ZH = "你好，世界。注意力机制很有用。今天天气很好。"
 EN = "The quick brown fox jumps over the lazy dog."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on two shared cores: torch's second thread only waits (measured 2 ms vs 48 ms a
-    forward of the small model with the cores loaded). Restored after this module."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")

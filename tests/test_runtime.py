@@ -19,21 +19,14 @@ from gptdeploy.bundle import Bundle
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
 from gptdeploy.modeling import GPT
-from tests.runtime_bundles import greedy_steps, made
+from tests.runtime_bundles import greedy_steps, left_padded, made
 
 # Same fp32 math, different GEMM order (MLAS vs ATen): measured max |diff| ~2e-6 on logits.
 LOGITS_TOL = 1e-4
 ATTN_TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on two shared cores: torch's second thread only waits (measured 2 ms vs 48 ms a
-    forward of a 2-layer model with the cores loaded). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +34,8 @@ def bundle() -> Bundle:
     return Bundle.load(made("padded").bundle)
 
 
-def _left_padded(lengths: list[int], vocab: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    B, L = len(lengths), max(lengths)
-    ids = rng.integers(0, vocab, size=(B, L))
-    mask = np.zeros((B, L), dtype=np.int64)
-    for b, n in enumerate(lengths):
-        mask[b, L - n :] = 1
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return ids, mask, pos
-
-
 def test_ort_matches_torch_step_by_step_with_left_padding(bundle):
-    ids, mask, pos = _left_padded([7, 3, 1], bundle.config.vocab_size)
+    ids, mask, pos = left_padded([7, 3, 1], bundle.config.vocab_size)
     with open_runtime(bundle, "ort", threads=1) as rt_ort, open_runtime(bundle, "torch") as rt_torch:
         assert isinstance(rt_ort, OrtRuntime) and isinstance(rt_torch, TorchRuntime)
         got = greedy_steps(rt_ort, ids, mask, pos, 6, record=True)
@@ -70,7 +52,7 @@ def test_ort_matches_torch_step_by_step_with_left_padding(bundle):
 
 
 def test_ort_keeps_the_kv_cache_as_ortvalues_and_fetches_attention_only_on_request(bundle):
-    ids, mask, pos = _left_padded([4], bundle.config.vocab_size)
+    ids, mask, pos = left_padded([4], bundle.config.vocab_size)
     with OrtRuntime(bundle, bundle.graph(), threads=1) as rt:
         out = rt.prefill(ids, mask, pos, record_attention=False)
         assert out.attentions is None
@@ -91,7 +73,7 @@ def test_unrecorded_attention_shares_one_scratch_buffer_without_changing_any_val
     """Not recording, every layer's attention output is bound to one scratch buffer (so that a long
     prefill does not hold n_layer probability tensors): logits and KV cache stay bit-identical to a
     recording run, step by step, with left padding."""
-    ids, mask, pos = _left_padded([6, 2, 4], bundle.config.vocab_size, seed=5)
+    ids, mask, pos = left_padded([6, 2, 4], bundle.config.vocab_size, seed=5)
     with open_runtime(bundle, "ort", threads=1) as rt:
         recorded = greedy_steps(rt, ids, mask, pos, 4, record=True)
         kv_recorded = [v.numpy() for v in rt._past]
@@ -107,7 +89,7 @@ def test_unrecorded_attention_shares_one_scratch_buffer_without_changing_any_val
 
 
 def test_prefill_restarts_the_cache_and_gives_the_same_logits(bundle):
-    ids, mask, pos = _left_padded([5, 2], bundle.config.vocab_size, seed=3)
+    ids, mask, pos = left_padded([5, 2], bundle.config.vocab_size, seed=3)
     with open_runtime(bundle, "ort", threads=1) as rt:
         first = greedy_steps(rt, ids, mask, pos, 3, record=False)
         again = greedy_steps(rt, ids, mask, pos, 3, record=False)
