@@ -84,7 +84,7 @@ def build(
     timing_cache: Path,
 ) -> BuildResult:
     """Parse `graph_path` into a strongly typed network and build a serialized engine."""
-    from gptdeploy.exporters.tensorrt import PHASES
+    from gptdeploy.exporters.trt_profiles import PHASES
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from gptdeploy.exporters.tensorrt import PHASES, buffer_shapes, rebuild_command, select_engine
+from gptdeploy.exporters.trt_engines import rebuild_command, select_engine
+from gptdeploy.exporters.trt_profiles import PHASES, buffer_shapes
 from gptdeploy.exporters.tensorrt_build import import_tensorrt
 from gptdeploy.runtimes import cuda_memory
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
