@@ -74,7 +74,7 @@ def build_graph(
 
     from gptdeploy.modeling import GPT, load_state
 
-    with torch.device("cpu"):
+    with torch.device("meta"):  # no random init: load_state assigns the source's own tensors
         model = GPT(source.config)
     load_state(model, source.state)
     model.eval()

@@ -113,7 +113,7 @@ def _verify_quantized(graph_path: Path, entry, src, reference, inputs, eval_text
     from gptdeploy.modeling import GPT, load_state
 
     sig, cfg, tok = entry.signature, src.config, src.tokenizer
-    with torch.device("cpu"):
+    with torch.device("meta"):  # no random init: load_state assigns the source's own tensors
         model = GPT(cfg)
     load_state(model, src.state)
     options = GraphOptions("fp32", sig.attentions, sig.last_logits_only)

