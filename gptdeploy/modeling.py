@@ -172,10 +172,10 @@ class GPT(nn.Module):
 def to_fp16(model: GPT) -> GPT:
     """The fp16 variant, in place: fp16 weights and KV cache; LayerNorm parameters (and so
     LayerNorm, see above) stay fp32, as do softmax and the logits by construction."""
-    model.half()
-    for module in model.modules():
-        if isinstance(module, LayerNorm):
-            module.float()
+    keep = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
+    for p in model.parameters():  # not model.half(): LayerNorm parameters must not round through fp16
+        if id(p) not in keep:
+            p.data = p.data.half()
     return model
 
 

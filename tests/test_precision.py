@@ -65,6 +65,23 @@ def _generate(bundle_path, prompts, n=32):
 # ------------------------------------------------------------------------------------------ fp16
 
 
+def test_to_fp16_keeps_layernorm_parameters_exactly():
+    """LayerNorm parameters stay the source's fp32 values, not fp32 values rounded through fp16."""
+    from gptdeploy.config import GPTConfig
+    from gptdeploy.modeling import GPT, to_fp16
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=16))
+    with torch.no_grad():
+        model.h[0].ln_1.weight.add_(1e-4 * torch.arange(16))  # steps finer than fp16's near 1.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "ln" in n}
+    to_fp16(model)
+    for name, p in model.named_parameters():
+        if "ln" in name:
+            assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+        else:
+            assert p.dtype == torch.float16, name
+
+
 def test_fp16_graph_is_fp16_with_fp32_islands_and_standard_ops(tiny):
     _, bundles = tiny
     b = bundles["fp16"].bundle
