@@ -30,11 +30,40 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: best effort
 
 
-def _measure(row: Row, one_run, job: dict) -> Row:
+class _DeviceMemory:
+    """Peak GPU memory of a backend that does not count its own (ort-cuda, tensorrt): device memory
+    in use (cudaMemGetInfo) after every run, less what was in use before the runtime was opened.
+    Sampled between runs, so it is what the backend holds (onnxruntime's arena keeps its peak;
+    TensorRT's buffers are allocated once), not a transient inside a step. None without cuda-python."""
+
+    def __init__(self):
+        try:
+            from gptdeploy.runtimes import cuda_memory
+
+            self._cudart = cuda_memory.load_cudart()
+            self._used = lambda: cuda_memory.memory_in_use(self._cudart)
+            self.baseline = self._used()
+        except Exception:  # noqa: BLE001 - no cuda-python or no GPU: the row just has no GPU figure
+            self._used, self.baseline = None, 0
+        self.peak = 0
+
+    def sample(self) -> None:
+        if self._used is not None:
+            self.peak = max(self.peak, self._used())
+
+    def mb(self) -> float | None:
+        return None if self._used is None else max(0, self.peak - self.baseline) / 2**20
+
+
+def _measure(row: Row, one_run, job: dict, after_run=lambda: None) -> Row:
     """Warm up, time `runs` runs, and fill `row`. `one_run() -> (ttft_s, decode step seconds, tokens)`."""
     for _ in range(job["warmup"]):
         one_run()
-    runs = [one_run() for _ in range(job["runs"])]
+        after_run()
+    runs = []
+    for _ in range(job["runs"]):
+        runs.append(one_run())
+        after_run()
     ttfts = [t for t, _, _ in runs]
     decode = [row.batch * len(steps) / sum(steps) for _, steps, _ in runs]
     e2e = [row.batch * (len(steps) + 1) / (t + sum(steps)) for t, steps, _ in runs]
@@ -57,6 +86,7 @@ def run_runtime(job: dict) -> Row:
     n = job["new_tokens"]
     vocab = bundle.manifest.tokenizer.vocab_size
     row = Row(f"{name} {entry.name}", name, entry.name, B, T, n)
+    device = _DeviceMemory() if name in ("ort-cuda", "tensorrt") else None
     t0 = time.perf_counter()
     runtime = open_runtime(bundle, name, entry.name, job["threads"])
     row.load_s = time.perf_counter() - t0
@@ -79,8 +109,8 @@ def run_runtime(job: dict) -> Row:
         return ttft, steps, np.stack(tokens, 1).tolist()
 
     with runtime:
-        _measure(row, one_run, job)
-    row.peak_gpu_mb = getattr(runtime, "peak_device_mb", None)
+        _measure(row, one_run, job, after_run=device.sample if device else lambda: None)
+        row.peak_gpu_mb = device.mb() if device else getattr(runtime, "peak_device_mb", None)
     return row
 
 

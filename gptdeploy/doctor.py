@@ -32,6 +32,8 @@ FIX = {
     "(onnxruntime-gpu replaces onnxruntime: pip uninstall onnxruntime first)",
     "tensorrt": "pip install 'gptdeploy[tensorrt]'",
     "torch": "pip install 'gptdeploy[export]'",
+    "torch-cuda": "a CUDA build of torch on an NVIDIA GPU machine: "
+    "pip install torch --index-url https://download.pytorch.org/whl/cu128, and 'gptdeploy[export]'",
 }
 
 
@@ -167,7 +169,7 @@ def _gpus_from_cudart(cudart) -> tuple[list[Gpu], str, str] | None:
 
 
 def backend_status(
-    versions: dict[str, str], providers: list[str], gpus: list[Gpu]
+    versions: dict[str, str], providers: list[str], gpus: list[Gpu], torch_cuda: str = "no"
 ) -> dict[str, BackendStatus]:
     """Per backend: usable, or what is missing and the fix. Pure."""
     have = {name: not v.startswith(("not installed", "broken")) for name, v in versions.items()}
@@ -189,7 +191,10 @@ def backend_status(
     out["ort-cuda"] = status("ort-cuda", ort_cuda + ([] if gpus else [no_gpu]))
     trt = [f"{n} is not installed" for n in ("tensorrt", "cuda-python") if not have[n]]
     out["tensorrt"] = status("tensorrt", trt + ([] if gpus else [no_gpu]))
-    out["torch"] = status("torch", [f"{n} is not installed" for n in ("torch", "onnx") if not have[n]])
+    torch_missing = [f"{n} is not installed" for n in ("torch", "onnx") if not have[n]]
+    out["torch"] = status("torch", torch_missing)
+    no_cuda = [] if torch_cuda == "yes" or not have["torch"] else ["torch sees no CUDA device (a CPU build, or no GPU)"]
+    out["torch-cuda"] = status("torch-cuda", torch_missing + no_cuda + ([] if gpus else [no_gpu]))
     return out
 
 
@@ -221,7 +226,7 @@ def diagnose(probes: Probes = Probes()) -> Report:
         packages=versions,
         torch_cuda=torch_cuda,
         ort_providers=providers,
-        backends=backend_status(versions, providers, gpus),
+        backends=backend_status(versions, providers, gpus, torch_cuda),
     )
 
 

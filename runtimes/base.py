@@ -258,6 +258,10 @@ def _missing_torch() -> str | None:
     return None
 
 
+def _missing_torch_cuda() -> str | None:
+    return _missing_torch() or _module_missing("gptdeploy.runtimes.torch_cuda")
+
+
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -276,6 +280,12 @@ BACKENDS: dict[str, Backend] = {
         ),
         Backend(
             "torch", _missing_torch, "gptdeploy.runtimes.torch", "the canonical PyTorch module (reference)"
+        ),
+        Backend(
+            "torch-cuda",
+            _missing_torch_cuda,
+            "gptdeploy.runtimes.torch_cuda",
+            "the canonical PyTorch module on the GPU, in the graph's precision (eager baseline)",
         ),
     )
 }

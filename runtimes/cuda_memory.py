@@ -67,6 +67,12 @@ def device_info(cudart, index: int = 0) -> DeviceInfo:
     return DeviceInfo(index, name.rstrip("\x00"), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem))
 
 
+def memory_in_use(cudart) -> int:
+    """Bytes of the current device in use by every process and context (cudaMemGetInfo: total - free)."""
+    free, total = call(cudart, cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(total) - int(free)
+
+
 def require_gpu(cudart) -> DeviceInfo:
     if device_count(cudart) < 1:
         raise BackendUnavailable(

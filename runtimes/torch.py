@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BundleError, SourceError
-from gptdeploy.modeling import GPT, load_state
+from gptdeploy.modeling import GPT, load_state, to_fp16
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,15 @@ def _module_path(node_name: str) -> str:
 
 
 class TorchRuntime(RuntimeBase):
+    """On the CPU in fp32 (the reference). On a GPU (`torch-cuda`), in the graph's precision:
+    an fp16 graph runs as `to_fp16` makes the model (fp16 weights and KV cache, LayerNorm,
+    softmax and logits in fp32), which is the PyTorch-eager fp16 baseline for TensorRT."""
+
     name = "torch"
 
-    def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None):
+    def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None, device: str = "cpu"):
         super().__init__(bundle, graph)
+        self.device = torch.device(device)
         path = bundle.file(graph.file)
         try:
             proto = onnx.load(str(path))  # external data, when present, sits next to the graph
@@ -80,6 +85,13 @@ class TorchRuntime(RuntimeBase):
                 f"the torch runtime cannot rebuild the model from graph {graph.name!r} ({exc}); "
                 "use the fp32 graph (--graph fp32)"
             ) from None
+        if self.device.type == "cuda":
+            self.name = "torch-cuda"
+            if graph.precision == "fp16":
+                to_fp16(model)
+            model.to(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._kv_dtype = torch.float16 if self.device.type == "cuda" and graph.precision == "fp16" else torch.float32
         self.model = model.eval()
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
@@ -90,7 +102,7 @@ class TorchRuntime(RuntimeBase):
             input_ids,
             attention_mask,
             position_ids,
-            self.model.empty_past(input_ids.shape[0]),
+            [(k.to(self.device), v.to(self.device)) for k, v in self.model.empty_past(input_ids.shape[0], self._kv_dtype)],
             record_attention,
         )
 
@@ -98,12 +110,20 @@ class TorchRuntime(RuntimeBase):
         return self._run(next_ids, attention_mask, position_ids, self._past, record_attention)
 
     def _run(self, ids, mask, pos, past, record_attention) -> StepOutput:
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device)
         with torch.inference_mode():
             logits, presents, attentions = self.model(t(ids), t(mask), t(pos), past, last_logits_only=True)
         self._past = presents
-        atts = [a.float().numpy() for a in attentions] if record_attention else None  # (B, nh, T, P+T)
-        return StepOutput(logits=logits[:, -1, :].float().numpy(), attentions=atts)  # (B, V)
+        # (B, nh, T, P+T); .cpu() waits for the GPU, so a step's wall time is its real time
+        atts = [a.float().cpu().numpy() for a in attentions] if record_attention else None
+        return StepOutput(logits=logits[:, -1, :].float().cpu().numpy(), attentions=atts)  # (B, V)
+
+    @property
+    def peak_device_mb(self) -> float | None:
+        """Peak GPU memory torch's allocator handed out since load (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def _drop_cache(self) -> None:
         self._past = []

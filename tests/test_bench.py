@@ -123,3 +123,37 @@ def test_cli_table_json_and_plot(tiny, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     r = CliRunner().invoke(cli, ["bench", str(bundle), "--backends", "ort", "--new-tokens", "4", "--runs", "1"])
     assert r.exit_code == 0 and "decode tok/s" in r.stdout and "ort fp32" in r.stdout
+
+
+def test_gpu_rows_report_device_memory_held_beyond_the_baseline(monkeypatch):
+    """ort-cuda / tensorrt rows: cudaMemGetInfo in use after each run, less the use before the
+    runtime was opened (fake cudart: 1000 MiB in use before, 1300 and 1250 MiB after runs)."""
+    import types
+
+    from gptdeploy.runtimes import cuda_memory
+
+    from gptdeploy import bench_worker
+    from gptdeploy.errors import BackendUnavailable
+
+    MiB, total = 2**20, 80_000 * 2**20
+    used = iter([1000 * MiB, 1300 * MiB, 1250 * MiB])
+
+    class FakeCudart:
+        cudaError_t = types.SimpleNamespace(cudaSuccess=0)
+
+        def cudaMemGetInfo(self):
+            return 0, total - next(used), total
+
+    monkeypatch.setattr(cuda_memory, "load_cudart", FakeCudart)
+    mem = bench_worker._DeviceMemory()
+    mem.sample()
+    mem.sample()
+    assert mem.mb() == 300.0
+
+    def no_cuda():
+        raise BackendUnavailable("cuda-python is not installed")
+
+    monkeypatch.setattr(cuda_memory, "load_cudart", no_cuda)
+    mem = bench_worker._DeviceMemory()
+    mem.sample()
+    assert mem.mb() is None

@@ -128,6 +128,9 @@ def test_bare_cpu_machine_says_what_each_backend_needs():
     )
     assert b["torch"].missing == "torch is not installed; onnx is not installed"
     assert b["torch"].fix == "pip install 'gptdeploy[export]'"
+    assert b["torch-cuda"].missing == (
+        "torch is not installed; onnx is not installed; no NVIDIA GPU found (nvidia-smi / CUDA see none)"
+    )
     text = render(report)
     assert "GPU           none" in text
     assert (
@@ -166,10 +169,14 @@ def test_backend_status_is_pure():
         "cuda-python": "12.6",
     }
     gpus = [Gpu("g", "9.0", "1 MiB")]
-    s = backend_status(versions, ["CUDAExecutionProvider"], gpus)
+    s = backend_status(versions, ["CUDAExecutionProvider"], gpus, torch_cuda="yes")
     assert all(v.available for v in s.values())
     s = backend_status(versions, ["CUDAExecutionProvider"], [])
     assert not s["tensorrt"].available and not s["ort-cuda"].available and s["torch"].available
+    assert not s["torch-cuda"].available
+    s = backend_status(versions, [], gpus, torch_cuda="no")  # a CPU build of torch on a GPU machine
+    assert s["torch"].available and s["torch-cuda"].missing == "torch sees no CUDA device (a CPU build, or no GPU)"
+    assert "download.pytorch.org/whl/cu128" in s["torch-cuda"].fix
 
 
 def test_doctor_command_text_and_json(monkeypatch):

@@ -198,3 +198,35 @@ def test_bench_rows_for_tensorrt_and_ort_cuda(tmp_path):
     assert [r.error for r in rows] == [None, None, None], [r.error for r in rows]
     assert rows[0].tokens == rows[2].tokens and rows[1].tokens == rows[2].tokens
     assert all(r.decode_tps for r in rows)
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_ort_and_runs_fp16_in_fp16(tmp_path):
+    """The PyTorch-eager GPU row: fp32 tokens equal to the `ort` CPU runtime's, logits within the
+    fp32 GPU tolerance; an fp16 graph runs with fp16 weights and KV cache, within the fp16 table."""
+    from gptdeploy.runtimes.torch import TorchRuntime
+
+    from gptdeploy.parity import TOLERANCES
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    b = Bundle.load(made("padded").bundle)
+    ids, mask, pos = left_padded([6, 2], b.config.vocab_size, seed=2)
+    with OrtRuntime(b, b.graph(), threads=1) as ref, TorchRuntime(b, b.graph(), None, device="cuda") as rt:
+        want, want_tokens = _greedy(ref, ids, mask, pos, 20, record=True)
+        got, got_tokens = _greedy(rt, ids, mask, pos, 20, record=True)
+        assert rt.peak_device_mb > 0 and next(rt.model.parameters()).is_cuda
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g.logits, w.logits, atol=FP32_LOGITS_ATOL, rtol=0)
+    fp16 = Bundle.load(_fp16_bundle(tmp_path))
+    with TorchRuntime(fp16, fp16.graph("fp16"), None, device="cuda") as rt:
+        assert rt.model.h[0].attn.c_attn.weight.dtype == torch.float16
+        assert rt.model.h[0].ln_1.weight.dtype == torch.float32
+        got16, _ = _greedy(rt, ids, mask, pos, 4, forced=np.asarray(want_tokens)[:, :4])
+    tol = TOLERANCES["fp16"]["logits"][0]
+    for g, w in zip(got16, want[:5]):
+        rows = mask.sum(1) > 0
+        scale = np.abs(w.logits[rows]).max()
+        assert np.abs(g.logits[rows] - w.logits[rows]).max() <= tol * max(scale, 1.0)

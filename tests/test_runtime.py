@@ -205,3 +205,11 @@ def test_auto_falls_back_when_a_gpu_backend_cannot_run_this_bundle(bundle, monke
         assert rt.name == "ort"
     with pytest.raises(BundleError, match="no engine"):
         open_runtime(bundle, "tensorrt")  # asked for by name: no silent fallback
+
+
+def test_torch_cuda_without_a_gpu_names_what_is_missing():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device; tests/test_gpu.py covers torch-cuda")
+    with pytest.raises(BackendUnavailable, match=r"backend 'torch-cuda' is unavailable: torch .* sees no CUDA device"):
+        base.resolve_backend("torch-cuda")
+    assert "torch-cuda" not in base.available_backends()
