@@ -48,7 +48,7 @@ def read_prompt(prompt: str) -> str:
 )
 @click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda, tensorrt or torch.")
+@click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda, tensorrt, torch or torch-cuda.")
 @click.option("--graph", help="Graph of the bundle to run (default: fp32).")
 @click.option("--threads", type=int, help="CPU threads (default: physical cores).")
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
