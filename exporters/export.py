@@ -94,8 +94,37 @@ def _check_output_dir(out: Path, force: bool) -> None:
         raise ExportError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"output directory {out} is not empty; choose another or pass --force to replace it")
-    if not out.parent.exists():
-        raise ExportError(f"parent directory {out.parent} does not exist")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ExportError(f"{parent} is not a directory, so {out} cannot be created")
+        if parent.exists():
+            break
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p `directory`; returns the directories made, outermost first (removed again when
+    the export fails, so that a failed export leaves nothing behind)."""
+    missing = []
+    for d in [directory, *directory.parents]:
+        if d.exists():
+            break
+        missing.append(d)
+    missing.reverse()
+    try:
+        for d in missing:
+            d.mkdir()
+    except OSError as exc:
+        _remove_empty(missing)
+        raise ExportError(f"cannot create {directory}: {exc.strerror or exc}") from None
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for d in reversed(directories):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def export_bundle(
@@ -129,8 +158,13 @@ def export_bundle(
     _check_output_dir(out, force)
     stage(f"loading {source_path}")
     source = load_source(Path(source_path), tokenizer=tokenizer)
+    created = _make_parents(out.parent)
     _remove_stale_partials(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        _remove_empty(created)
+        raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a published bundle gets the user's usual mode
@@ -139,11 +173,13 @@ def export_bundle(
         _move_into_place(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         if exc.errno == errno.ENOSPC:
             raise ExportError(f"no space left on device while writing {out}; nothing was written") from None
         raise ExportError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     return ExportResult(Bundle.load(out), report)
 

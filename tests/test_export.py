@@ -94,12 +94,19 @@ def test_parity_failures_are_collected_and_nothing_is_written(tmp_path, monkeypa
     strict = {k: (0.0, why) for k, (_, why) in parity.TOLERANCES["fp32"].items()}
     monkeypatch.setitem(parity.TOLERANCES, "fp32", strict)
     with pytest.raises(ParityError) as err:
-        export_bundle(src, tmp_path / "bundle")
+        export_bundle(src, tmp_path / "new" / "dirs" / "bundle")  # parents it made go again too
     report = err.value.report
     failing = {c.output.split(".")[0] for c in report.failures}
     assert {"logits", "present", "attentions"} <= failing  # every failing output, not the first
     assert "logits at prefill" in str(err.value)
     assert list(tmp_path.iterdir()) == [tmp_path / "src"]  # no bundle, no temporary directory
+
+
+def test_missing_parent_directories_are_made(tmp_path):
+    src = make_hf_gpt2_dir(tmp_path / "src")
+    result = export_bundle(src, tmp_path / "out" / "nested" / "bundle")
+    assert result.bundle.path == tmp_path / "out" / "nested" / "bundle"
+    assert sorted(p.name for p in (tmp_path / "out" / "nested").iterdir()) == ["bundle"]
 
 
 def test_existing_output_needs_force(tmp_path):
