@@ -20,7 +20,7 @@ Three passes, and the report says what each one actually did:
    our tied lm_head. So during the pass the lm_head reads `Transpose(wte)` through a MatMul,
    and is turned back into Gemm(transB=1) on the one stored matrix afterwards.
 
-3. For a graph that ships as fp32 (not one about to be quantized): `linears_as_gemv`, every
+3. For a graph that ships as fp32 (not one about to be quantized): `gemv.linears_as_gemv`, every
    Linear as Gemm(transB=1) on an unpacked (N, K) weight, which decodes ~14% faster on
    GPT-2-124M for ~5-16% more prefill time (see there).
 
@@ -84,6 +84,8 @@ def fuse_graph(
         report.attention = config.n_layer
     report.optimizer = _run_ort_optimizer(fused, config, report)
     if decode_layout:
+        from gptdeploy.exporters.gemv import linears_as_gemv
+
         report.gemv = linears_as_gemv(fused, io.INPUT_IDS)
     report.nodes_after = len(fused.graph.node)
     return fused, report
@@ -135,7 +137,7 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
                 if out in (mha.output[1], mha.output[2]):
                     node.output[j] = f"{out}/unfused"
         c_proj.input[0] = mha.output[0]
-        _insert_before(g, c_proj, [split, mha])
+        insert_before(g, c_proj, [split, mha])
     _ensure_opset(proto, MS_DOMAIN)
     remove_dead_nodes(g)
     return None
@@ -217,7 +219,7 @@ def _hide_tied_gemm(proto: onnx.ModelProto):
     matmul_name = f"{gemm.name}/MatMul"
     transpose = helper.make_node("Transpose", [wte], [wte_t], name=f"{gemm.name}/Transpose", perm=[1, 0])
     matmul = helper.make_node("MatMul", [x, wte_t], list(gemm.output), name=matmul_name)
-    _insert_before(g, gemm, [transpose, matmul])
+    insert_before(g, gemm, [transpose, matmul])
     g.node.remove(gemm)
 
     def restore(p: onnx.ModelProto) -> None:
@@ -225,71 +227,17 @@ def _hide_tied_gemm(proto: onnx.ModelProto):
         mm = next(n for n in graph.node if n.name == matmul_name)
         tr = next(n for n in graph.node if n.output[0] == mm.input[1])
         back = helper.make_node("Gemm", [mm.input[0], tr.input[0]], list(mm.output), name=gemm.name, transB=1)
-        _insert_before(graph, mm, [back])
+        insert_before(graph, mm, [back])
         graph.node.remove(mm)
         graph.node.remove(tr)
 
     return restore
 
 
-# ------------------------------------------------------------------------- decode-speed layout
-
-
-def linears_as_gemv(proto: onnx.ModelProto, input_ids: str) -> int:
-    """Rewrite every Linear MatMul(x (B, T, K), W (K, N)) as Gemm(transB=1) on W^T (N, K), in
-    place; returns how many. For the fp32 fast graph only (quantizers take MatMul).
-    ::
-        x (B, T, K) ─MatMul─ W (K, N)   =>   x ─Reshape(-1, K)─ Gemm(transB=1) ─ W^T (N, K) ─Reshape(B, T, N)
-
-    `save_graph` lists such Gemm weights as overridable initializers, so onnxruntime does not
-    pre-pack them and a one-row decode step reads each stored row once (its M=1 transposed-B
-    kernel). On GPT-2-124M that decodes 61 instead of 53 tokens/s (the MatMuls went from 26
-    to 30 GB/s of weights), at the cost of packing the weights on the fly in prefill:
-    58 vs 50 ms at prompt 32, 611 vs 584 ms at 512 (same run, measured). The output shape
-    (B, T, N) comes from `input_ids`, computed once for each N.
-    """
-    g = proto.graph
-    inits = {t.name: t for t in g.initializer}
-    linears = [n for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for name in n.input:
-            readers[name] = readers.get(name, 0) + 1
-    linears = [n for n in linears if readers[n.input[1]] == 1]  # a shared matrix stays as it is
-    if not linears:
-        return 0
-    lead = "/gemv/batch_seq"  # (B, T), the leading dims of every Linear's input
-    head = [helper.make_node("Shape", [input_ids], [lead], name="/gemv/Shape")]
-    out_shapes: dict[int, str] = {}
-    for node in linears:
-        w = inits[node.input[1]]
-        K, N = (int(d) for d in w.dims)
-        if N not in out_shapes:
-            out_shapes[N] = f"/gemv/shape_{N}"
-            g.initializer.append(numpy_helper.from_array(np.array([N], np.int64), f"/gemv/N_{N}"))
-            head.append(helper.make_node("Concat", [lead, f"/gemv/N_{N}"], [out_shapes[N]], name=f"/gemv/Concat_{N}", axis=0))
-        flat = f"/gemv/flat_{K}"
-        if flat not in inits:
-            inits[flat] = numpy_helper.from_array(np.array([-1, K], np.int64), flat)
-            g.initializer.append(inits[flat])
-        wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), node.input[1])
-        w.CopyFrom(wt)  # same name, now (N, K)
-        x2, y2 = f"{node.name}/x_2d", f"{node.name}/y_2d"
-        _insert_before(g, node, [
-            helper.make_node("Reshape", [node.input[0], flat], [x2], name=f"{node.name}/Reshape_in"),
-            helper.make_node("Gemm", [x2, node.input[1]], [y2], name=f"{node.name}/Gemm", transB=1),
-            helper.make_node("Reshape", [y2, out_shapes[N]], list(node.output), name=f"{node.name}/Reshape_out"),
-        ])
-        g.node.remove(node)
-    for j, n in enumerate(head):
-        g.node.insert(j, n)
-    return len(linears)
-
-
 # ---------------------------------------------------------------------------------- graph edits
 
 
-def _insert_before(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
+def insert_before(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
     i = list(g.node).index(anchor)
     for j, n in enumerate(nodes):
         g.node.insert(i + j, n)
@@ -322,4 +270,4 @@ def remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.initializer.remove(t)
 
 
-__all__ = ["FusionReport", "fuse_attention", "fuse_graph", "linears_as_gemv", "remove_dead_nodes"]
+__all__ = ["FusionReport", "fuse_attention", "fuse_graph", "insert_before", "remove_dead_nodes"]
