@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is a standard op from 17; TensorRT 10 parses 17
 PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message past 2 GB
+MAX_INLINE_WEIGHTS = PROTO_LIMIT - (64 << 20)  # leave room for the graph itself
 DATA_SUFFIX = ".data"
 EXTERNAL_MIN_BYTES = 32 << 20  # graphs with more weights keep them in a memory-mappable file
 INLINE_MAX_BYTES = 1024  # smaller tensors (shapes, LayerNorm parameters of tiny models) stay inline
@@ -131,11 +132,11 @@ def save_graph(proto: onnx.ModelProto, path: Path, external_data: bool | None = 
     """
     path = Path(path)
     expose_gemv_weights(proto)
-    weight_bytes = sum(_nbytes(t) for t in proto.graph.initializer)
+    nbytes = weight_bytes(proto)
     if external_data is None:
-        external_data = weight_bytes >= EXTERNAL_MIN_BYTES
-    if not external_data and weight_bytes > PROTO_LIMIT - (64 << 20):  # leave room for the graph itself
-        raise ValueError(f"{path.name}: {weight_bytes} bytes of weights need an external data file")
+        external_data = nbytes >= EXTERNAL_MIN_BYTES
+    if not external_data and nbytes > MAX_INLINE_WEIGHTS:
+        raise ValueError(f"{path.name}: {nbytes} bytes of weights need an external data file")
     data_file = path.name + DATA_SUFFIX if external_data else None
     if data_file:
         # Created here, empty: onnx would create it 0600; this way it gets the user's umask.
@@ -145,6 +146,10 @@ def save_graph(proto: onnx.ModelProto, path: Path, external_data: bool | None = 
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=False)
     return data_file
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    return sum(_nbytes(t) for t in proto.graph.initializer)
 
 
 def _to_external_data(proto: onnx.ModelProto, data_file: str) -> None:
@@ -297,4 +302,4 @@ def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
     return problems
 
 
-__all__ = ["OPSET", "export_onnx", "expose_gemv_weights", "graph_inputs", "graph_io_problems", "save_graph", "signature_for"]
+__all__ = ["OPSET", "export_onnx", "expose_gemv_weights", "graph_inputs", "graph_io_problems", "save_graph", "signature_for", "weight_bytes"]

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from gptdeploy.exporters.onnx import PROTO_LIMIT, _nbytes, expose_gemv_weights, save_graph
+from gptdeploy.exporters.onnx import (
+    MAX_INLINE_WEIGHTS,
+    _nbytes,
+    expose_gemv_weights,
+    save_graph,
+    weight_bytes,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
@@ -140,7 +146,7 @@ def _int8(proto: onnx.ModelProto, out: Path) -> str:
                 # Per tensor: per-channel alone was worse on the sample (perplexity +0.56% vs -0.00%,
                 # top-1 margin p99 0.66 vs 0.12 nats; with reduce_range it ties), measured.
                 src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
-                use_external_data_format=_too_big(proto),
+                use_external_data_format=weight_bytes(proto) > MAX_INLINE_WEIGHTS,
                 # DefaultTensorType: the fused graph's contrib ops have no ONNX type inference.
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
             )
@@ -188,10 +194,6 @@ def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list
     if missing:
         raise RuntimeError(f"{out.name}: linear weights left unquantized: {missing[:4]}")
     return report
-
-
-def _too_big(proto: onnx.ModelProto) -> bool:
-    return sum(_nbytes(t) for t in proto.graph.initializer) > PROTO_LIMIT - (64 << 20)
 
 
 class _quiet:
