@@ -186,6 +186,7 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
     for batch in plan.batches:
         for plen in plan.prompt_lens:
             ids = prompt_ids(vocab, batch, plen, plan.seed)
+            model_mb = model_bytes(bundle, batch, plen + plan.new_tokens) / 2**20
             for baseline, spec in specs:
                 job = {
                     "bundle": str(plan.bundle), "baseline": baseline, "backend": spec,
@@ -195,7 +196,7 @@ def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> li
                 }
                 python = plan.optimum_python if baseline == "optimum" else None
                 row = _run_worker(job, python or sys.executable)
-                row.model_mb = model_bytes(bundle, batch, plen + plan.new_tokens) / 2**20
+                row.model_mb = model_mb
                 rows.append(row)
                 if on_row:
                     on_row(row)
