@@ -91,7 +91,7 @@ class TorchRuntime(RuntimeBase):
                 to_fp16(model)
             model.to(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._kv_dtype = torch.float16 if self.device.type == "cuda" and graph.precision == "fp16" else torch.float32
+        self._kv_dtype = model.wte.weight.dtype  # the KV cache is kept in the weights' dtype, as in export
         self.model = model.eval()
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
