@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from gptdeploy.exporters.agreement import EvalText
 
 from gptdeploy.errors import ExportError
+from gptdeploy.exporters.agreement import EvalText
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-from gptdeploy.exporters.agreement import AgreementReport
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import Bundle, GraphEntry, Manifest, TokenizerEntry
 from gptdeploy.errors import ExportError
+from gptdeploy.exporters.agreement import AgreementReport
 from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from gptdeploy.exporters.fusion import insert_before
 from onnx import helper, numpy_helper
+
+from gptdeploy.exporters.fusion import insert_before
 
 
 def linears_as_gemv(proto: onnx.ModelProto, input_ids: str) -> int:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from gptdeploy.exporters.onnx import (
     MAX_INLINE_WEIGHTS,
     _nbytes,
@@ -34,7 +36,6 @@ from gptdeploy.exporters.onnx import (
     save_graph,
     weight_bytes,
 )
-from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
 

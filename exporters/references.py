@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gptdeploy.exporters.sources.base import ReferenceOutput
 
 from gptdeploy.errors import SourceError
+from gptdeploy.exporters.sources.base import ReferenceOutput
 
 
 class HFReference:

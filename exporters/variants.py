@@ -94,6 +94,7 @@ def build_graph(
 def fp32_graph(model, options, path: Path, external_data, reference, inputs: ParityInputs, stage) -> BuiltGraph:
     """The fp32 graph, proven against the source; fused when it has no attention outputs."""
     import onnx
+
     from gptdeploy.exporters.fusion import fuse_graph
     from gptdeploy.exporters.onnx import export_onnx, save_graph
 
@@ -132,9 +133,9 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
 
 def _fp16(model, options, path, external_data, reference, inputs, stage) -> BuiltGraph:
     import onnx
+
     from gptdeploy.exporters.fp16 import Fp16CpuSession, fp16_graph_problems, precision_islands
     from gptdeploy.exporters.onnx import export_onnx
-
     from gptdeploy.modeling import to_fp16
 
     stage(f"tracing {model.config.n_layer}-layer model to ONNX (fp16, fp32 LayerNorm/softmax/logits)")
@@ -157,6 +158,7 @@ def _fp16(model, options, path, external_data, reference, inputs, stage) -> Buil
 
 def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, eval_text, inputs, stage) -> BuiltGraph:
     import onnx
+
     from gptdeploy.exporters.agreement import check_agreement
     from gptdeploy.exporters.evaltext import held_out_text, sampled_text
     from gptdeploy.exporters.quantize import quantize_graph

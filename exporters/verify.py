@@ -38,10 +38,11 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
     `source` overrides the path recorded in the manifest (bundles travel; sources stay behind).
     """
     import onnx
+
     from gptdeploy.exporters.fp16 import fp16_graph_problems
-    from gptdeploy.exporters.graph_checks import check_trt_operators
     from gptdeploy.exporters.onnx import graph_io_problems
     from gptdeploy.exporters.sources import load_source
+    from gptdeploy.exporters.tensorrt.checks import check_trt_operators
 
     bundle = Bundle.load(path)
     result = VerifyResult(bundle)
@@ -105,11 +106,11 @@ def _recorded_text(recorded: dict) -> Path | None:
 
 def _verify_quantized(graph_path: Path, entry, src, reference, inputs, eval_text: Path | None):
     import torch
+
     from gptdeploy.exporters.agreement import check_agreement
     from gptdeploy.exporters.evaltext import held_out_text, sampled_text
     from gptdeploy.exporters.export import GraphOptions
     from gptdeploy.exporters.variants import fp32_graph, ort_session
-
     from gptdeploy.modeling import GPT, load_state
 
     sig, cfg, tok = entry.signature, src.config, src.tokenizer

@@ -13,13 +13,13 @@ import logging
 
 import numpy as np
 import onnxruntime as ort
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput, physical_cores
 from onnxruntime.capi import _pybind_state as C  # the layer onnxruntime's own Python classes wrap
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BundleError, GenerationError
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput, physical_cores
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import logging
 
 import numpy as np
 import onnxruntime as ort
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from gptdeploy.exporters.trt_engines import rebuild_command, select_engine
-from gptdeploy.exporters.trt_profiles import PHASES, buffer_shapes
-from gptdeploy.exporters.tensorrt_build import import_tensorrt
-from gptdeploy.runtimes import cuda_memory
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.engines import rebuild_command, select_engine
 from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.exporters.tensorrt.builder import import_tensorrt
+from gptdeploy.profiles import PHASES, buffer_shapes
+from gptdeploy.runtimes import cuda
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def missing() -> str | None:
     """What this machine lacks for the `tensorrt` backend, or None when it has everything."""
     try:
         import_tensorrt()
-        cuda_memory.require_gpu(cuda_memory.load_cudart())
+        cuda.require_gpu(cuda.load_cudart())
     except BackendUnavailable as exc:
         return str(exc)
     return None
@@ -49,8 +49,8 @@ class TensorRTRuntime(RuntimeBase):
     def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None = None):
         super().__init__(bundle, graph)  # threads: the GPU does the work; accepted for the protocol
         trt = import_tensorrt()
-        cudart = cuda_memory.load_cudart()
-        device = cuda_memory.require_gpu(cudart)
+        cudart = cuda.load_cudart()
+        device = cuda.require_gpu(cudart)
         # Another GPU or TensorRT release: a BundleError with the rebuild command, before TensorRT
         # is handed a plan it would reject (or crash on).
         self.entry = select_engine(
@@ -58,8 +58,8 @@ class TensorRTRuntime(RuntimeBase):
         )
         self.device = device
         self._cudart = cudart
-        self._buffers: dict[str, cuda_memory.DeviceBuffer] = {}  # ids, mask, positions, logits, attentions
-        self._kv: dict[str, tuple[cuda_memory.DeviceBuffer, cuda_memory.DeviceBuffer]] = {}  # by present name
+        self._buffers: dict[str, cuda.DeviceBuffer] = {}  # ids, mask, positions, logits, attentions
+        self._kv: dict[str, tuple[cuda.DeviceBuffer, cuda.DeviceBuffer]] = {}  # by present name
         self._stream = self._context = self._engine = None
         try:
             self._load(trt, bundle)
@@ -93,7 +93,7 @@ class TensorRTRuntime(RuntimeBase):
         self.max_batch, self.max_context = int(prefill_max[0]), int(prefill_max[1])
         self._dtype = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._context = engine.create_execution_context()
-        self._stream = cuda_memory.Stream(self._cudart)
+        self._stream = cuda.Stream(self._cudart)
         shapes = buffer_shapes(sig, self.max_batch, self.max_context)
         for name in [io.INPUT_IDS, io.ATTENTION_MASK, io.POSITION_IDS, io.LOGITS, *sig.attention_names()]:
             self._buffers[name] = self._alloc(name, shapes[name])
@@ -103,8 +103,8 @@ class TensorRTRuntime(RuntimeBase):
         self._side = 0  # kv[...][side] holds the cache: the past of the next step
         self._profile: int | None = None
 
-    def _alloc(self, name: str, shape: tuple[int, ...]) -> cuda_memory.DeviceBuffer:
-        return cuda_memory.DeviceBuffer(self._cudart, int(np.prod(shape)) * self._dtype[name].itemsize, name)
+    def _alloc(self, name: str, shape: tuple[int, ...]) -> cuda.DeviceBuffer:
+        return cuda.DeviceBuffer(self._cudart, int(np.prod(shape)) * self._dtype[name].itemsize, name)
 
     # -- steps ----------------------------------------------------------------------------------
 

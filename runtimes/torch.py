@@ -15,12 +15,12 @@ import numpy as np
 import onnx
 import torch
 from google.protobuf.message import DecodeError
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from onnx import numpy_helper
 
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BundleError, SourceError
 from gptdeploy.modeling import GPT, load_state, to_fp16
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ differ from the CPU only by summation order.
 from __future__ import annotations
 
 import torch
-from gptdeploy.runtimes.torch import TorchRuntime
 
 from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.runtimes.torch import TorchRuntime
 
 
 def missing() -> str | None:

@@ -37,10 +37,9 @@ VARIANTS = {  # name -> export_bundle options
 
 
 def export_all(source: Path, out: Path) -> dict[str, Path]:
-    from gptdeploy.exporters.export import export_bundle
-
     from gptdeploy.bundle import Bundle
     from gptdeploy.errors import BundleError
+    from gptdeploy.exporters.export import export_bundle
 
     paths = {}
     for name, options in VARIANTS.items():

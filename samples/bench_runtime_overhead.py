@@ -28,12 +28,12 @@ from dataclasses import replace
 import numpy as np
 import onnxruntime as ort
 import tokenizers
-from gptdeploy.runtimes.base import open_runtime
-from gptdeploy.runtimes.ort import PROVIDERS, session_options
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
 from gptdeploy.generate import Generator
+from gptdeploy.runtimes.base import open_runtime
+from gptdeploy.runtimes.ort import PROVIDERS, session_options
 from gptdeploy.tokenizer import Tokenizer
 
 PROMPT_TEXT = (

@@ -2,7 +2,7 @@
 enforce, so the engine builder and the `tensorrt` runtime run end to end without a GPU.
 
 They implement only the calls gptdeploy makes, with the names and signatures of the TensorRT 10
-Python bindings and cuda-python (see the citations in exporters/tensorrt_build.py and
+Python bindings and cuda-python (see the citations in exporters/tensorrt/builder.py and
 runtimes/tensorrt.py). The "engine" a fake build serializes is JSON naming the ONNX graph; the
 fake execution context runs that graph with onnxruntime on the CPU, reading inputs from and
 writing outputs to the fake device memory at the addresses the runtime bound. It refuses what

@@ -64,7 +64,6 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     """export_bundle's layout and manifest, without its parity run."""
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
-
     from gptdeploy.modeling import GPT, load_state
 
     source = load_source(source_dir)

@@ -28,9 +28,9 @@ from gptdeploy.audit import (
     token_labels,
     unpack_tril,
 )
-from gptdeploy.audit_log import GENESIS, scan
-from gptdeploy.audit_verify import verify
-from gptdeploy.audit_views import head_matrix, rollout, top_sources
+from gptdeploy.audit.log import GENESIS, scan
+from gptdeploy.audit.verify import verify
+from gptdeploy.audit.views import head_matrix, rollout, top_sources
 from gptdeploy.errors import AuditError
 from tests.audit_records import synthetic_record
 
@@ -41,7 +41,7 @@ SAMPLE = ROOT / "samples" / "tiny-gpt"
 def cli():
     """The gptdeploy group with `audit` on it (registered in cli.py by the lead; added here until then)."""
     from gptdeploy.cli import cli as group
-    from gptdeploy.cli_audit import audit
+    from gptdeploy.cli.audit import audit
 
     if "audit" not in group.commands:
         group.add_command(audit)
@@ -464,7 +464,6 @@ def test_show_lists_prompt_output_and_sources(log4):
 def bundle(tmp_path_factory):
     """A random-init GPT-2 exported with export_bundle (its manifest carries the source identity)."""
     from gptdeploy.exporters import export_bundle
-
     from tests.factories import make_hf_gpt2_dir
 
     root = tmp_path_factory.mktemp("audit-bundle")
@@ -588,7 +587,6 @@ def test_the_audit_of_a_sample_generation_shows_its_name_copy_head(tmp_path):
     token puts most of its mass on the earlier mentions of the name, and that the model
     indeed continues with the name."""
     from gptdeploy.exporters import export_bundle
-
     from gptdeploy.generate import Generator
 
     pattern = _sample_pattern()
@@ -620,9 +618,9 @@ def test_the_audit_path_needs_no_torch(tmp_path):
         "    sys.modules[name] = None\n"
         "from tests.audit_records import synthetic_record\n"
         "from gptdeploy.audit import append_records, read_records\n"
-        "from gptdeploy.audit_report import write_report\n"
-        "from gptdeploy.audit_verify import verify\n"
-        "from gptdeploy.audit_views import render_show\n"
+        "from gptdeploy.audit.report import write_report\n"
+        "from gptdeploy.audit.verify import verify\n"
+        "from gptdeploy.audit.views import render_show\n"
         f"log = {str(tmp_path / 'a.log')!r}\n"
         "append_records(log, [synthetic_record(0)])\n"
         "assert verify(log).ok\n"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gptdeploy.audit import append_records
-from gptdeploy.audit_report import write_report
-from gptdeploy.audit_views import write_pngs
+from gptdeploy.audit.report import write_report
+from gptdeploy.audit.views import write_pngs
 from gptdeploy.errors import AuditError
 from tests.audit_records import synthetic_record
 from tests.test_audit import run_cli
@@ -93,7 +93,7 @@ def test_chromium_renders_a_long_record_and_every_record_opened(log, tmp_path):
 
 
 def test_the_report_of_a_damaged_log_says_so(log, tmp_path):
-    from gptdeploy.audit_log import scan
+    from gptdeploy.audit.log import scan
 
     data = log.read_bytes()
     at = scan(log).frames[1].offset + 300  # inside record 1's header
@@ -124,7 +124,7 @@ def test_png_heatmaps(log, tmp_path):
 def test_png_without_matplotlib_is_a_clear_error(log, tmp_path):
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "from gptdeploy.audit import read_records; from gptdeploy.audit_views import write_pngs\n"
+        "from gptdeploy.audit import read_records; from gptdeploy.audit.views import write_pngs\n"
         "from gptdeploy.errors import AuditError\n"
         f"rec = next(read_records({str(log)!r}))\n"
         "try:\n    write_pngs(rec, 'x')\nexcept AuditError as e:\n    print(e)\n"

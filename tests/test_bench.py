@@ -6,9 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from gptdeploy.exporters.export import export_bundle
 
-from gptdeploy.bench import (
+from gptdeploy.bench.plan import (
     BenchPlan,
     Row,
     add_ratios,
@@ -20,6 +19,7 @@ from gptdeploy.bench import (
 )
 from gptdeploy.bundle import Bundle
 from gptdeploy.cli import cli
+from gptdeploy.exporters.export import export_bundle
 from tests.factories import make_hf_gpt2_dir
 
 
@@ -130,10 +130,9 @@ def test_gpu_rows_report_device_memory_held_beyond_the_baseline(monkeypatch):
     runtime was opened (fake cudart: 1000 MiB in use before, 1300 and 1250 MiB after runs)."""
     import types
 
-    from gptdeploy.runtimes import cuda_memory
-
-    from gptdeploy import bench_worker
+    from gptdeploy.bench import worker as bench_worker
     from gptdeploy.errors import BackendUnavailable
+    from gptdeploy.runtimes import cuda
 
     MiB, total = 2**20, 80_000 * 2**20
     used = iter([1000 * MiB, 1300 * MiB, 1250 * MiB])
@@ -144,7 +143,7 @@ def test_gpu_rows_report_device_memory_held_beyond_the_baseline(monkeypatch):
         def cudaMemGetInfo(self):
             return 0, total - next(used), total
 
-    monkeypatch.setattr(cuda_memory, "load_cudart", FakeCudart)
+    monkeypatch.setattr(cuda, "load_cudart", FakeCudart)
     mem = bench_worker._DeviceMemory()
     mem.sample()
     mem.sample()
@@ -153,7 +152,7 @@ def test_gpu_rows_report_device_memory_held_beyond_the_baseline(monkeypatch):
     def no_cuda():
         raise BackendUnavailable("cuda-python is not installed")
 
-    monkeypatch.setattr(cuda_memory, "load_cudart", no_cuda)
+    monkeypatch.setattr(cuda, "load_cudart", no_cuda)
     mem = bench_worker._DeviceMemory()
     mem.sample()
     assert mem.mb() is None

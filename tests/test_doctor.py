@@ -180,7 +180,7 @@ def test_backend_status_is_pure():
 
 
 def test_doctor_command_text_and_json(monkeypatch):
-    from gptdeploy.cli_engine import doctor as doctor_cmd
+    from gptdeploy.cli.engine import doctor as doctor_cmd
 
     fake = _probes({"onnxruntime": _ort("CPUExecutionProvider")}, smi=False)
     monkeypatch.setattr(doctor, "diagnose", lambda probes=fake: diagnose(fake))

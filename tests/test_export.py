@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from gptdeploy.exporters.export import export_bundle
 
 from gptdeploy import contract as io
 from gptdeploy import parity
 from gptdeploy.bundle import Bundle
 from gptdeploy.cli import cli
 from gptdeploy.errors import ExportError, ParityError
+from gptdeploy.exporters.export import export_bundle
 from tests.factories import make_hf_gpt2_dir, make_nanogpt_ckpt
 
 HF_SHAPES = [

@@ -7,6 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
+from gptdeploy import contract as io
+from gptdeploy.config import GPTConfig
 from gptdeploy.exporters.onnx import (
     ALIGN,
     INLINE_MAX_BYTES,
@@ -16,9 +19,6 @@ from gptdeploy.exporters.onnx import (
     graph_io_problems,
 )
 from gptdeploy.exporters.quantize import untie_lm_head
-
-from gptdeploy import contract as io
-from gptdeploy.config import GPTConfig
 from gptdeploy.modeling import GPT
 from gptdeploy.parity import positions
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 from gptdeploy import Generator
 from gptdeploy.bundle import Bundle
-from gptdeploy.cli_generate import generate as generate_command
+from gptdeploy.cli.generate import generate as generate_command
 from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from gptdeploy.sampling import Sampler, SamplingParams, penalize
 from gptdeploy.tokenizer import IncrementalDecoder, Tokenizer
 from tests.runtime_bundles import SAMPLE_DIR, copy_bundle, made
@@ -349,6 +349,7 @@ def test_recorded_attention_equals_the_module_on_the_final_sequence(padded):
     """Left-padded batch, assembled across decode steps, padding stripped, against the canonical
     module run once, uncached, on each row's own prompt + generated tokens."""
     import torch
+
     from gptdeploy.runtimes.torch import TorchRuntime
 
     prompts = ["你好，世界", "The quick brown fox jumps", "A"]
@@ -609,7 +610,7 @@ try:
 except BackendUnavailable as exc:
     torch_backend = str(exc)
 from gptdeploy import cli as cli_mod
-from gptdeploy.cli_generate import generate
+from gptdeploy.cli.generate import generate
 group = cli_mod.cli if "generate" in cli_mod.cli.commands else cli_mod._Group(name="g", commands=[generate])
 res = CliRunner().invoke(group, ["generate", bundle, "hi", "--max-new-tokens", "4", "--json"])
 leaked = sorted(m for m in ("torch", "transformers", "onnx") if sys.modules.get(m) is not None)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gptdeploy.exporters.tensorrt import build_engine
-from gptdeploy.runtimes.ort import OrtRuntime
 
 from gptdeploy import bundle as bundle_mod
 from gptdeploy.bundle import Bundle, GraphEntry
 from gptdeploy.errors import BundleError
+from gptdeploy.exporters.tensorrt import build_engine
+from gptdeploy.runtimes.ort import OrtRuntime
 from tests.factories import make_hf_gpt2_dir
 from tests.runtime_bundles import copy_bundle, left_padded, made, write_bundle
 
@@ -51,10 +51,9 @@ def gpt2_bundle(tmp_path_factory) -> Path:
 
 def _fp16_bundle(root: Path) -> Path:
     """The padded test model as an fp16 graph (the fp16 exporter's path), with its fp32 twin."""
+    from gptdeploy import modeling
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
-
-    from gptdeploy import modeling
 
     if not hasattr(modeling, "to_fp16"):
         pytest.skip("gptdeploy.modeling.to_fp16 (fp16 graph export) is not in this tree yet")
@@ -116,9 +115,8 @@ def test_gpt2_shaped_engine_builds_fast_with_a_warm_cache_and_matches_ort(
 
 @pytest.mark.tensorrt
 def test_fp16_engine_within_the_fp16_tolerances(tmp_path):
-    from gptdeploy.runtimes.tensorrt import TensorRTRuntime
-
     from gptdeploy.parity import TOLERANCES
+    from gptdeploy.runtimes.tensorrt import TensorRTRuntime
 
     if "fp16" not in TOLERANCES:
         pytest.skip("gptdeploy.parity.TOLERANCES has no fp16 table yet")
@@ -157,6 +155,7 @@ def test_an_engine_for_another_gpu_is_refused_with_the_rebuild_command(tmp_path)
 @pytest.mark.gpu
 def test_ort_cuda_tokens_equal_ort():
     import onnxruntime as ort
+
     from gptdeploy.runtimes.ort_cuda import OrtCudaRuntime
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -177,9 +176,8 @@ def test_ort_cuda_tokens_equal_ort():
 
 @pytest.mark.tensorrt
 def test_bench_rows_for_tensorrt_and_ort_cuda(tmp_path):
+    from gptdeploy.bench.plan import BenchPlan, run_plan
     from gptdeploy.runtimes.base import BACKENDS
-
-    from gptdeploy.bench import BenchPlan, run_plan
 
     if BACKENDS["tensorrt"].module is None:
         pytest.skip("the tensorrt backend is not registered in gptdeploy.runtimes.base.BACKENDS yet")
@@ -204,9 +202,8 @@ def test_bench_rows_for_tensorrt_and_ort_cuda(tmp_path):
 def test_torch_cuda_matches_ort_and_runs_fp16_in_fp16(tmp_path):
     """The PyTorch-eager GPU row: fp32 tokens equal to the `ort` CPU runtime's, logits within the
     fp32 GPU tolerance; an fp16 graph runs with fp16 weights and KV cache, within the fp16 table."""
-    from gptdeploy.runtimes.torch import TorchRuntime
-
     from gptdeploy.parity import TOLERANCES
+    from gptdeploy.runtimes.torch import TorchRuntime
 
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():

@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
-from gptdeploy.exporters.export import export_bundle
-from gptdeploy.exporters.fp16 import Fp16CpuSession, precision_islands
 
 from gptdeploy import Generator
 from gptdeploy import contract as io
 from gptdeploy.cli import cli
+from gptdeploy.exporters.export import export_bundle
+from gptdeploy.exporters.fp16 import Fp16CpuSession, precision_islands
 from gptdeploy.parity import TOLERANCES, left_pad, positions
 from tests.factories import make_hf_gpt2_dir
 
@@ -355,7 +355,7 @@ def test_verify_checks_tensorrt_parsing_of_standard_op_graphs_only(tiny):
 
 
 def test_verify_fails_on_what_tensorrt_would_reject(tiny, monkeypatch):
-    import gptdeploy.exporters.graph_checks as checks
+    import gptdeploy.exporters.tensorrt.checks as checks
 
     _, bundles = tiny
     monkeypatch.setattr(checks, "check_trt_operators", lambda path: ["op Foo is not in the table (1 node, first n)"])

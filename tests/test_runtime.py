@@ -8,17 +8,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from gptdeploy.exporters.onnx import export_onnx
-from gptdeploy.runtimes import base
-from gptdeploy.runtimes.base import open_runtime
-from gptdeploy.runtimes.ort import OrtRuntime
-from gptdeploy.runtimes.torch import TorchRuntime, graph_state_dict
 from onnxruntime.capi import _pybind_state as C
 
 from gptdeploy.bundle import Bundle
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
+from gptdeploy.exporters.onnx import export_onnx
 from gptdeploy.modeling import GPT
+from gptdeploy.runtimes import base
+from gptdeploy.runtimes.base import open_runtime
+from gptdeploy.runtimes.ort import OrtRuntime
+from gptdeploy.runtimes.torch import TorchRuntime, graph_state_dict
 from tests.runtime_bundles import greedy_steps, left_padded, made
 
 # Same fp32 math, different GEMM order (MLAS vs ATen): measured max |diff| ~2e-6 on logits.

@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 import torch
-from gptdeploy.exporters.sources import load_source
 from safetensors.torch import load_file, save_file
 
 from gptdeploy.errors import SourceError
+from gptdeploy.exporters.sources import load_source
 from tests.factories import make_hf_gpt2_dir, make_nanogpt_ckpt
 
 GARBAGE = bytes(range(7, 256)) * 40  # fixed, so no run can stumble on a valid header

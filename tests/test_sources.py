@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from gptdeploy.exporters.sources import load_source
 from tokenizers import Tokenizer
 
+from gptdeploy.exporters.sources import load_source
 from gptdeploy.modeling import GPT, load_state
 from tests.factories import make_hf_gpt2_dir, make_nanogpt_ckpt, meta_vocab, tokenizer_json
 
@@ -156,8 +156,9 @@ def test_nanogpt_padded_vocab_with_bpe_tokenizer(tmp_path):
 def test_nanogpt_reference_agrees_with_transformers(tmp_path):
     """The nanoGPT reference itself, checked against transformers on GPT-2 weights converted the way
     nanoGPT's GPT.from_pretrained converts them (exact GELU and eps 1e-5 on both sides)."""
-    from gptdeploy.exporters.references import HFReference, NanoGPTReference
     from safetensors.torch import load_file
+
+    from gptdeploy.exporters.references import HFReference, NanoGPTReference
 
     d = make_hf_gpt2_dir(tmp_path / "hf", n_head=4, activation_function="gelu")
     conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")

@@ -16,10 +16,6 @@ import sys
 
 import numpy as np
 import pytest
-from gptdeploy.exporters.tensorrt import build_engine
-from gptdeploy.runtimes.ort import OrtRuntime
-from gptdeploy.runtimes.ort_cuda import OrtCudaRuntime
-from gptdeploy.runtimes.tensorrt import TensorRTRuntime, missing
 
 from gptdeploy.bundle import Bundle
 from gptdeploy.errors import (
@@ -29,6 +25,10 @@ from gptdeploy.errors import (
     ExportError,
     GenerationError,
 )
+from gptdeploy.exporters.tensorrt import build_engine
+from gptdeploy.runtimes.ort import OrtRuntime
+from gptdeploy.runtimes.ort_cuda import OrtCudaRuntime
+from gptdeploy.runtimes.tensorrt import TensorRTRuntime, missing
 from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
 from tests.runtime_bundles import copy_bundle, greedy_steps, left_padded, made
 

@@ -14,29 +14,25 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from gptdeploy.exporters import tensorrt as trt_plan
-from gptdeploy.exporters.graph_checks import check_trt_operators, precision_plan
-from gptdeploy.exporters.tensorrt import (
-    PHASES,
-    buffer_shapes,
-    check_limits,
-    check_profiles,
-    compat_check,
-    engine_filename,
-    engine_manifest_entry,
-    profile_shapes,
-    select_engine,
-    trt_release,
-)
-from gptdeploy.exporters.trt_operators import OPERATORS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from gptdeploy import contract as io
+from gptdeploy import engines
 from gptdeploy.bundle import Bundle
 from gptdeploy.contract import GraphSignature
+from gptdeploy.engines import (
+    compat_check,
+    engine_filename,
+    engine_manifest_entry,
+    select_engine,
+    trt_release,
+)
 from gptdeploy.errors import BundleError, ExportError
+from gptdeploy.exporters.tensorrt.checks import check_trt_operators, precision_plan
+from gptdeploy.exporters.tensorrt.operators import OPERATORS
+from gptdeploy.profiles import PHASES, buffer_shapes, check_limits, check_profiles, profile_shapes
 from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
 from tests.runtime_bundles import copy_bundle, made
 
@@ -174,7 +170,7 @@ def test_engine_names_say_gpu_tensorrt_release_and_precision():
         == "sm80plus-trt10.13.0-fp16.engine"
     )
     assert trt_release("10.13.0.35") == "10.13.0" and trt_release("10") == "10.0.0"
-    assert trt_plan.timing_cache_filename("9.0", "10.13.0.35") == "engines/timing-sm90-trt10.13.0.cache"
+    assert engines.timing_cache_filename("9.0", "10.13.0.35") == "engines/timing-sm90-trt10.13.0.cache"
 
 
 def _entry(**over) -> dict:
@@ -212,7 +208,7 @@ def test_manifest_entry_records_file_hash_target_profiles_and_settings():
     assert e["hardware_compat"] == "none" and e["version_compatible"] is False
     assert e["profiles"]["decode"][io.ATTENTION_MASK] == [[1, 2], [1, 513], [4, 1024]]
     assert e["workspace_bytes"] == 4 << 30 and e["flags"] == ["STRONGLY_TYPED", "no TF32"]
-    assert set(trt_plan.ENTRY_FIELDS) <= set(e)
+    assert set(engines.ENTRY_FIELDS) <= set(e)
 
 
 REBUILD = "gptdeploy build-engine out/fp16 --graph fp16 --max-batch 4 --max-context 1024"
@@ -339,10 +335,10 @@ def test_precision_plan_of_fp16_graphs_checks_the_fp32_rules(tmp_path):
 
 def test_precision_plan_and_operator_check_of_an_exported_fp16_graph(tmp_path):
     import torch
-    from gptdeploy.exporters.onnx import export_onnx
 
     from gptdeploy import modeling
     from gptdeploy.config import GPTConfig
+    from gptdeploy.exporters.onnx import export_onnx
 
     if not hasattr(modeling, "to_fp16"):
         pytest.skip("gptdeploy.modeling.to_fp16 (the fp16 graph export) is not in this tree yet")
@@ -442,7 +438,7 @@ def test_operator_table_matches_the_reference_document():
 def cli_group():
     """The lead's group when it registers the commands; otherwise the same error mapping around them."""
     from gptdeploy import cli as cli_mod
-    from gptdeploy.cli_engine import build_engine, doctor
+    from gptdeploy.cli.engine import build_engine, doctor
 
     if "build-engine" in cli_mod.cli.commands:
         return cli_mod.cli
@@ -506,7 +502,7 @@ def test_build_engine_on_a_missing_bundle_is_one_line(cli_group, tmp_path):
 
 
 def test_commands_are_click_commands_with_their_names():
-    from gptdeploy.cli_engine import build_engine, doctor
+    from gptdeploy.cli.engine import build_engine, doctor
 
     assert isinstance(build_engine, click.Command) and build_engine.name == "build-engine"
     assert isinstance(doctor, click.Command) and doctor.name == "doctor"

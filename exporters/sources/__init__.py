@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptdeploy.exporters.sources import hf_gpt2, nanogpt, sample
-
 from gptdeploy.errors import SourceError
+from gptdeploy.exporters.sources import hf_gpt2, nanogpt, sample
 
 if TYPE_CHECKING:
     from gptdeploy.exporters.sources.base import Source

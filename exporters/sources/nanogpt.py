@@ -7,10 +7,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptdeploy.exporters.sources import files, tokenizer_files
-
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import ConfigError, SourceError
+from gptdeploy.exporters.sources import files, tokenizer_files
 
 if TYPE_CHECKING:
     from gptdeploy.exporters.sources.base import Source, Tokenizer

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from gptdeploy.audit_log import (
+from gptdeploy.audit.log import (
     CHUNK,
     FORMAT,
     GENESIS,

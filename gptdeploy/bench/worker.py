@@ -1,4 +1,4 @@
-"""One benchmark row, in its own process: `python -m gptdeploy.bench_worker < job.json`.
+"""One benchmark row, in its own process: `python -m gptdeploy.bench.worker < job.json`.
 
 Prints one JSON line (a bench.Row). Imports only what its backend needs, so the `ort` row
 measures what an application embedding gptdeploy would load.
@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from gptdeploy.bench import Row, latency_percentiles, split_backend, stats
+from gptdeploy.bench.plan import Row, latency_percentiles, split_backend, stats
 
 
 def _peak_rss_mb() -> float:
@@ -38,10 +38,10 @@ class _DeviceMemory:
 
     def __init__(self):
         try:
-            from gptdeploy.runtimes import cuda_memory
+            from gptdeploy.runtimes import cuda
 
-            self._cudart = cuda_memory.load_cudart()
-            self._used = lambda: cuda_memory.memory_in_use(self._cudart)
+            self._cudart = cuda.load_cudart()
+            self._used = lambda: cuda.memory_in_use(self._cudart)
             self.baseline = self._used()
         except Exception:  # noqa: BLE001 - no cuda-python or no GPU: the row just has no GPU figure
             self._used, self.baseline = None, 0

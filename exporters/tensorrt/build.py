@@ -17,7 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gptdeploy.exporters.trt_engines import (  # noqa: F401 - re-exported
+from gptdeploy.bundle import MANIFEST, Bundle, GraphEntry, sha256_file
+from gptdeploy.engines import (  # noqa: F401 - re-exported
     AMPERE,
     ENGINE_DIR,
     ENTRY_FIELDS,
@@ -29,16 +30,14 @@ from gptdeploy.exporters.trt_engines import (  # noqa: F401 - re-exported
     timing_cache_filename,
     trt_release,
 )
-from gptdeploy.exporters.trt_profiles import (
+from gptdeploy.errors import ExportError
+from gptdeploy.profiles import (
     PHASES,
     buffer_shapes,
     check_limits,
     check_profiles,
     profile_shapes,
 )
-
-from gptdeploy.bundle import MANIFEST, Bundle, GraphEntry, sha256_file
-from gptdeploy.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +47,14 @@ log = logging.getLogger(__name__)
 
 def precision_plan(onnx_path):
     """See graph_checks.precision_plan (needs the `onnx` package)."""
-    from gptdeploy.exporters.graph_checks import precision_plan as plan
+    from gptdeploy.exporters.tensorrt.checks import precision_plan as plan
 
     return plan(onnx_path)
 
 
 def check_trt_operators(onnx_path) -> list[str]:
     """See graph_checks.check_trt_operators (needs the `onnx` package)."""
-    from gptdeploy.exporters.graph_checks import check_trt_operators as check
+    from gptdeploy.exporters.tensorrt.checks import check_trt_operators as check
 
     return check(onnx_path)
 
@@ -86,7 +85,7 @@ def build_engine(
 
     Limits and the graph are checked before TensorRT is touched, so a wrong option fails fast and the
     same way on machines without a GPU. BackendUnavailable without TensorRT, cuda-python or a GPU."""
-    from gptdeploy.exporters import tensorrt_build  # TensorRT only from here on
+    from gptdeploy.exporters.tensorrt import builder as tensorrt_build  # TensorRT only from here on
 
     bundle = Bundle.load(bundle_path)
     entry_graph = choose_graph(bundle, graph)

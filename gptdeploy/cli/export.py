@@ -1,63 +1,14 @@
-"""The `gptdeploy` command: a thin face over the library. Errors become one line and exit code 2."""
+"""`gptdeploy export` and `gptdeploy verify`: a bundle made, and a bundle checked again."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from gptdeploy import __version__
-from gptdeploy.errors import GptDeployError
 
-EXIT_USAGE = 2
-
-
-class _Group(click.Group):
-    """Maps every GptDeployError, usage error and missing optional dependency to one line,
-    `error: ...`, and exit code 2 — here, and nowhere else."""
-
-    def main(self, *args, **kwargs):
-        kwargs["standalone_mode"] = False
-        try:
-            result = super().main(*args, **kwargs)
-        except click.UsageError as exc:  # bad option values: one line, not click's usage block
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-            _fail(exc.format_message() + hint)
-        except click.ClickException as exc:
-            _fail(exc.format_message())
-        except click.exceptions.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(130)
-        sys.exit(result if isinstance(result, int) else 0)
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except GptDeployError as exc:
-            _fail(str(exc))
-        except ModuleNotFoundError as exc:
-            hint = "pip install 'gptdeploy[export]'" if exc.name in ("torch", "transformers", "onnx") else ""
-            _fail(f"{exc.name} is not installed{'; ' + hint if hint else ''}")
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-
-def _fail(message: str) -> None:
-    one_line = " ".join(message.split())
-    click.echo(f"error: {one_line}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-@click.group(cls=_Group)
-@click.version_option(__version__, prog_name="gptdeploy")
-def cli() -> None:
-    """Export trained GPTs to verified deploy bundles, generate with them, audit what they attended to."""
-
-
-@cli.command()
+@click.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to create.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (or a dir with vocab.json + merges.txt) for sources without one.")
@@ -80,9 +31,9 @@ def export(
 
     chosen = [name for name, flag in (("fp16", fp16), ("int8", int8), ("int4", int4)) if flag]
     if len(chosen) > 1:
-        _fail(f"--{' and --'.join(chosen)} are mutually exclusive; choose one precision")
+        raise click.UsageError(f"--{' and --'.join(chosen)} are mutually exclusive; choose one precision")
     if eval_text is not None and not (int8 or int4):
-        _fail("--eval-text is used by --int8 and --int4 only")
+        raise click.UsageError("--eval-text is used by --int8 and --int4 only")
     console = Console(stderr=True)
     with console.status("exporting") as status:
         result = export_bundle(
@@ -101,7 +52,7 @@ def export(
     click.echo(f"wrote {result.bundle.path} ({graph.name} graph; {evidence})")
 
 
-@cli.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--source", type=click.Path(path_type=Path), help="Source to compare with (default: the one recorded at export).")
 @click.option("--integrity-only", is_flag=True, help="Check hashes and graph IO only; do not re-run parity.")
@@ -121,14 +72,14 @@ def verify(bundle: Path, source: Path | None, integrity_only: bool, as_json: boo
         _print_verify(result)
     if not result.passed:
         problems = result.io_problems + [f"{k}: {r.describe_failures()}" for k, r in result.parity.items() if not r.passed]
-        _fail("verification failed: " + "; ".join(problems))
+        raise click.ClickException("verification failed: " + "; ".join(problems))
 
 
 def _print_verify(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gptdeploy.exporters.trt_operators import TRT_VERSION
+    from gptdeploy.exporters.tensorrt.operators import TRT_VERSION
 
     console = Console()
     m = result.bundle.manifest
@@ -152,24 +103,3 @@ def _print_verify(result) -> None:
     if not result.parity:
         console.print("parity not re-run (--integrity-only); recorded at export: "
                       + ", ".join(f"{k}: {'passed' if v.get('passed') else 'FAILED'}" for k, v in m.parity.items()))
-
-
-def _register() -> None:
-    from gptdeploy.cli_audit import audit
-    from gptdeploy.cli_bench import bench
-    from gptdeploy.cli_engine import build_engine, doctor
-    from gptdeploy.cli_generate import generate
-
-    for command in (generate, audit, bench, build_engine, doctor):
-        cli.add_command(command)
-
-
-_register()
-
-
-def main() -> None:
-    cli(prog_name="gptdeploy")
-
-
-if __name__ == "__main__":
-    main()

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gptdeploy.audit import AuditRecord, read_records
-from gptdeploy.audit_report_page import PAGE
-from gptdeploy.audit_verify import VerifyReport, verify
-from gptdeploy.audit_views import head_matrix, rollout, rollout_is_partial, show_text, top_sources
+from gptdeploy.audit.page import PAGE
+from gptdeploy.audit.record import AuditRecord, read_records
+from gptdeploy.audit.verify import VerifyReport, verify
+from gptdeploy.audit.views import head_matrix, rollout, rollout_is_partial, show_text, top_sources
 from gptdeploy.errors import AuditError
 
 TOP_K = 8

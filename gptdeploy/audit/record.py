@@ -8,7 +8,7 @@
 numpy only. A record's attention covers the S = prompt + generated - 1 positions the model
 ran (the last generated token was never fed back); stored per layer as the lower triangle of
 each head's [S, S] matrix, float16 by default (~3 significant digits; rows sum to 1 within
-~5e-4) or float32 (exact). The log format (framing, hash chain) is gptdeploy/audit_log.py.
+~5e-4) or float32 (exact). The log format (framing, hash chain) is gptdeploy/audit/log.py.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptdeploy.audit_append import append_frames
-from gptdeploy.audit_log import Frame, read_payload
-from gptdeploy.audit_verify import VerifyReport, verify
+from gptdeploy.audit.append import append_frames
+from gptdeploy.audit.log import Frame, read_payload
+from gptdeploy.audit.verify import VerifyReport, verify
 from gptdeploy.errors import AuditError
 
 DTYPES = ("float16", "float32")

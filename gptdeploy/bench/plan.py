@@ -1,7 +1,7 @@
 """`gptdeploy bench`: every backend on the same token ids, the same threads, in one run.
 
 Each row (backend x batch x prompt length) runs in its own subprocess
-(`python -m gptdeploy.bench_worker`), so that thread pools never fight, one backend's
+(`python -m gptdeploy.bench.worker`), so that thread pools never fight, one backend's
 memory never counts against another's, and the `ort` row imports what an application
 would: numpy, onnxruntime, tokenizers, no torch. Decoding is greedy with a fixed number of
 new tokens (EOS does not stop it). Warm-up runs are excluded; figures are the median over
@@ -217,7 +217,7 @@ def model_bytes(bundle: Bundle, batch: int, total_len: int) -> int:
 def _run_worker(job: dict, python: str) -> Row:
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
     proc = subprocess.run(
-        [python, "-m", "gptdeploy.bench_worker"], input=json.dumps(job), capture_output=True,
+        [python, "-m", "gptdeploy.bench.worker"], input=json.dumps(job), capture_output=True,
         text=True, env=env, check=False,
     )
     if proc.returncode == 130 or proc.returncode == -2:

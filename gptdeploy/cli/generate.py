@@ -1,4 +1,4 @@
-"""`gptdeploy generate`: text from a bundle. Registered on the group in gptdeploy/cli.py.
+"""`gptdeploy generate`: text from a bundle. Registered on the group in gptdeploy/cli/main.py.
 
 Library errors (GptDeployError) propagate to the group, which prints one line and exits 2.
 """
@@ -110,7 +110,7 @@ def generate(
         else:
             result = out
         if audit_log is not None:
-            from gptdeploy.audit import AuditOptions, append_generation
+            from gptdeploy.audit.record import AuditOptions, append_generation
 
             append_generation(audit_log, gen, result, max_new_tokens=max_new_tokens, stop=stop,
                               options=AuditOptions(dtype="float32" if audit_float32 else "float16"))

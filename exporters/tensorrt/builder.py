@@ -14,9 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptdeploy.runtimes import cuda_memory
-
 from gptdeploy.errors import BackendUnavailable, ExportError
+from gptdeploy.runtimes import cuda
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ def import_tensorrt():
 def require_tensorrt():
     """(tensorrt, cudart, DeviceInfo of GPU 0); BackendUnavailable names the first thing missing."""
     trt = import_tensorrt()
-    cudart = cuda_memory.load_cudart()
-    device = cuda_memory.require_gpu(cudart)
+    cudart = cuda.load_cudart()
+    device = cuda.require_gpu(cudart)
     return trt, cudart, device
 
 
@@ -84,7 +83,7 @@ def build(
     timing_cache: Path,
 ) -> BuildResult:
     """Parse `graph_path` into a strongly typed network and build a serialized engine."""
-    from gptdeploy.exporters.trt_profiles import PHASES
+    from gptdeploy.profiles import PHASES
 
     logger = make_logger(trt)
     builder = trt.Builder(logger)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptdeploy.audit_log import GENESIS, Frame, Scan, scan
+from gptdeploy.audit.log import GENESIS, Frame, Scan, scan
 from gptdeploy.errors import AuditError
 
 KINDS = ("altered", "removed", "inserted", "reordered", "truncated", "unreadable")

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from gptdeploy.exporters.trt_operators import OPERATORS, OPSET_MAX, OPSET_MIN, TRT_VERSION
 from onnx import TensorProto, helper
 
 from gptdeploy import contract as io
+from gptdeploy.exporters.tensorrt.operators import OPERATORS, OPSET_MAX, OPSET_MIN, TRT_VERSION
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 # ONNX element type -> the type names of the TensorRT operator table.

@@ -1,4 +1,4 @@
-"""`gptdeploy build-engine` and `gptdeploy doctor`. Registered on the group in gptdeploy/cli.py.
+"""`gptdeploy build-engine` and `gptdeploy doctor`. Registered on the group in gptdeploy/cli/main.py.
 
 Library errors (GptDeployError, BackendUnavailable among them) propagate to the group, which
 prints one line and exits 2.

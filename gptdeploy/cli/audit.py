@@ -1,4 +1,4 @@
-"""`gptdeploy audit ...`: show, verify, report, export. Registered on the group in gptdeploy/cli.py.
+"""`gptdeploy audit ...`: show, verify, report, export. Registered on the group in gptdeploy/cli/main.py.
 
 Exit codes: 0 ok; 1 `verify` found the log altered, reordered, incomplete or truncated (the
 findings are printed); 2 the input cannot be used at all (missing file, not an audit log,
@@ -33,9 +33,9 @@ def show(log: Path, records: tuple[int, ...], layer: int | None, head: int | Non
     (for --layer/--head, or averaged) and under attention rollout."""
     from rich.console import Console
 
-    from gptdeploy.audit import read_records
-    from gptdeploy.audit_verify import verify
-    from gptdeploy.audit_views import render_show
+    from gptdeploy.audit.record import read_records
+    from gptdeploy.audit.verify import verify
+    from gptdeploy.audit.views import render_show
 
     report = verify(log)
     console = Console()
@@ -58,7 +58,7 @@ def show(log: Path, records: tuple[int, ...], layer: int | None, head: int | Non
 def verify(ctx: click.Context, log: Path, expect_head: str | None, as_json: bool) -> None:
     """Check LOG's hash chain: exit 0 if intact, 1 naming each altered, removed, inserted or
     reordered record and a truncated tail, 2 if LOG is not a readable audit log."""
-    from gptdeploy.audit_verify import verify as verify_log
+    from gptdeploy.audit.verify import verify as verify_log
 
     report = verify_log(log, expect_head=expect_head)
     if as_json:
@@ -82,10 +82,10 @@ def verify(ctx: click.Context, log: Path, expect_head: str | None, as_json: bool
 def report(log: Path, out: Path | None, png_dir: Path | None, records: tuple[int, ...], layer: int | None,
            head: int | None) -> None:
     """Write an HTML report (heatmaps per layer and head, token-by-token view, rollout) and/or PNGs."""
-    from gptdeploy.audit import read_records
-    from gptdeploy.audit_report import write_report
-    from gptdeploy.audit_verify import verify
-    from gptdeploy.audit_views import write_pngs
+    from gptdeploy.audit.record import read_records
+    from gptdeploy.audit.report import write_report
+    from gptdeploy.audit.verify import verify
+    from gptdeploy.audit.views import write_pngs
 
     if out is None and png_dir is None:
         raise click.UsageError("give -o REPORT.html, --png DIR, or both")
@@ -110,8 +110,8 @@ def report(log: Path, out: Path | None, png_dir: Path | None, records: tuple[int
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="npz file to write.")
 def export_(log: Path, record: int, fmt: str, out: Path) -> None:
     """Export one record's attention (float32, full T x T, plus token labels) for other viewers."""
-    from gptdeploy.audit import read_records
-    from gptdeploy.audit_views import export_record
+    from gptdeploy.audit.record import read_records
+    from gptdeploy.audit.views import export_record
 
     rec = next(read_records(log, [record]))
     path = export_record(rec, fmt, out)

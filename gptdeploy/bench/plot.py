@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptdeploy.bench import Row
+from gptdeploy.bench.plan import Row
 from gptdeploy.errors import GptDeployError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptdeploy.audit import AuditRecord
+from gptdeploy.audit.record import AuditRecord
 from gptdeploy.errors import AuditError
 
 log = logging.getLogger(__name__)

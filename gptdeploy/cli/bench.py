@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gptdeploy.bench import BenchPlan, Row
+from gptdeploy.bench.plan import BenchPlan, Row
 
 
 def _ints(ctx, param, value: str) -> tuple[int, ...]:
@@ -37,7 +37,7 @@ def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, thre
     from rich.console import Console
     from rich.progress import Progress
 
-    from gptdeploy import bench as lib
+    from gptdeploy.bench import plan as lib
     from gptdeploy.bundle import Bundle
     from gptdeploy.runtimes.base import physical_cores
 
@@ -67,7 +67,7 @@ def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, thre
     else:
         _table(rows, plan)
     if plot:
-        from gptdeploy.bench_plot import plot_rows
+        from gptdeploy.bench.plot import plot_rows
 
         plot_rows(rows, plot)
         err.print(f"wrote {plot}")
@@ -81,7 +81,7 @@ def _table(rows: list[Row], plan: BenchPlan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from gptdeploy.bench import machine_facts
+    from gptdeploy.bench.plan import machine_facts
 
     facts = machine_facts(plan.threads)
     table = Table(title=f"{plan.bundle} · {facts['cpu']} · {plan.threads} threads · "

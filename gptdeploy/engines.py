@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from gptdeploy.exporters.trt_profiles import PHASES
-
 from gptdeploy.errors import BundleError
+from gptdeploy.profiles import PHASES
 
 ENGINE_DIR = "engines"
 AMPERE = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS: engines run on compute capability >= 8.0
