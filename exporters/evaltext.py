@@ -15,7 +15,6 @@ trained on; windows of `WINDOW` tokens from its start, `EVAL_TOKENS` in all.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import numpy as np
 
 from gptdeploy.errors import ExportError
 from gptdeploy.exporters.agreement import EvalText
+from gptdeploy.hashing import sha256_file
+from gptdeploy.runtimes.session import SessionRuntime
+from gptdeploy.steps import Steps
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def held_out_text(
     if rel:  # the card's paths are relative to the repository root the sample was trained in
         for root in (Path(source.path).resolve().parent.parent, REPO_ROOT):
             path = root / rel
-            if path.is_file() and _sha256(path) == card["corpus"].get("val_sha256"):
+            if path.is_file() and sha256_file(path) == card["corpus"].get("val_sha256"):
                 candidates.append((path, "the sample's validation split (sample.json corpus.val)"))
                 break
     if REPO_VAL.is_file():
@@ -60,7 +62,7 @@ def held_out_text(
     for path, what in candidates:
         windows, problem = _windows(tok, path, vocab, length)
         if windows:
-            digest = _sha256(path)
+            digest = sha256_file(path)
             return EvalText("held-out text", f"{what}: {path.name}", windows, str(path.resolve()), digest)
         if explicit is not None and path == Path(explicit):
             raise ExportError(f"--eval-text {explicit}: {problem}")
@@ -96,37 +98,27 @@ def _windows(tok, path: Path, vocab: int, length: int) -> tuple[list[list[int]],
 
 def sampled_text(session, sig, prompts: list[list[int]], vocab: int, block_size: int, seed: int = 0) -> EvalText:
     """Fallback: windows sampled at temperature 1 from the fp32 graph, each started by a parity prompt."""
-    from gptdeploy import contract as io
-
     length = min(WINDOW, block_size)
     W = max(1, EVAL_TOKENS // length)
     rng = np.random.default_rng(seed)
     starts = [prompts[i % len(prompts)][:1] for i in range(W)]  # one token each: no padding needed
-    ids = np.array(starts, np.int64)  # (W, 1)
-    out = [list(s) for s in starts]
-    past = {n: np.zeros((W, sig.kv_heads, 0, sig.head_dim), sig.kv_dtype) for n in sig.past_names()}
+    steps = Steps(SessionRuntime(session, sig), starts, 0, room=length)
+    out = steps.prefill()
+    windows = np.array(starts, np.int64)  # (W, 1), grown to (W, length)
     for t in range(length - 1):
-        feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: np.ones((W, t + 1), np.int64),
-                 io.POSITION_IDS: np.full((W, 1), t, np.int64), **past}
-        outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-        logits = outs[io.LOGITS][:, -1, :vocab].astype(np.float64)  # (W, V)
+        if t:
+            out = steps.decode(windows[:, -1])
+        logits = out.logits[:, :vocab].astype(np.float64)  # (W, V)
         p = np.exp(logits - logits.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
-        nxt = np.array([rng.choice(vocab, p=row) for row in p], np.int64)
-        for r in range(W):
-            out[r].append(int(nxt[r]))
-        ids = nxt[:, None]
-        past = {a: outs[b] for a, b in zip(sig.past_names(), sig.present_names())}
+        nxt = np.array([rng.choice(vocab, p=row) for row in p], np.int64)  # (W,)
+        windows = np.concatenate([windows, nxt[:, None]], axis=1)
     return EvalText(
         "sampled from the fp32 graph (fallback)",
         f"no held-out text the tokenizer covers; {W} windows of {length} tokens sampled at temperature 1 "
         f"(seed {seed}) from the fp32 graph, each started by a parity prompt's first token",
-        out,
+        windows.tolist(),
     )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 __all__ = ["EVAL_TOKENS", "WINDOW", "held_out_text", "sampled_text"]

@@ -16,27 +16,10 @@ from pathlib import Path
 
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BundleError
-from gptdeploy.manifest import (  # noqa: F401 - re-exported: the manifest classes live there
-    FORMAT,
-    MANIFEST,
-    SCHEMA,
-    GraphEntry,
-    Manifest,
-    TokenizerEntry,
-)
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST, GraphEntry, Manifest
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib")
 

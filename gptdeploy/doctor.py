@@ -15,26 +15,11 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from pathlib import Path
+
+from gptdeploy import machine
+from gptdeploy.runtimes.backends import BACKENDS, missing_from
 
 SMI_FIELDS = "name,compute_cap,memory.total,driver_version"
-PACKAGES = {  # report name -> (modules to try importing, distributions that provide it)
-    "torch": (("torch",), ("torch",)),
-    "onnx": (("onnx",), ("onnx",)),
-    "onnxruntime": (("onnxruntime",), ("onnxruntime-gpu", "onnxruntime")),
-    "tensorrt": (("tensorrt",), ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
-    "cuda-python": (("cuda.bindings.runtime", "cuda.cudart"), ("cuda-python", "cuda-bindings")),
-}
-FIX = {
-    "ort": "pip install onnxruntime",
-    "ort-cuda": "pip install 'gptdeploy[gpu]' "
-    "(onnxruntime-gpu replaces onnxruntime: pip uninstall onnxruntime first)",
-    "tensorrt": "pip install 'gptdeploy[tensorrt]'",
-    "torch": "pip install 'gptdeploy[export]'",
-    "torch-cuda": "a CUDA build of torch on an NVIDIA GPU machine: "
-    "pip install torch --index-url https://download.pytorch.org/whl/cu128, and 'gptdeploy[export]'",
-}
 
 
 @dataclass(frozen=True)
@@ -79,28 +64,7 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def _version(module_name: str, dists: tuple[str, ...], module) -> str:
-    for dist in dists:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return str(getattr(module, "__version__", "installed"))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _physical_cores() -> int:
-    from gptdeploy.runtimes.base import physical_cores
-
-    return physical_cores()
+    return machine.distribution_version(dists) or str(getattr(module, "__version__", "installed"))
 
 
 @dataclass(frozen=True)
@@ -111,14 +75,14 @@ class Probes:
     which: Callable[[str], str | None] = shutil.which
     import_module: Callable[[str], object] = importlib.import_module
     version: Callable[[str, tuple, object], str] = _version
-    cpu_model: Callable[[], str] = _cpu_model
-    physical_cores: Callable[[], int] = _physical_cores
+    cpu_model: Callable[[], str] = machine.cpu_model
+    physical_cores: Callable[[], int] = machine.physical_cores
     logical_cores: Callable[[], int | None] = os.cpu_count
 
 
 def _imported(probes: Probes) -> tuple[dict[str, object], dict[str, str]]:
     modules, versions = {}, {}
-    for name, (module_names, dists) in PACKAGES.items():
+    for name, (module_names, dists) in machine.PACKAGES.items():
         versions[name] = "not installed"
         for module_name in module_names:
             try:
@@ -171,30 +135,13 @@ def _gpus_from_cudart(cudart) -> tuple[list[Gpu], str, str] | None:
 def backend_status(
     versions: dict[str, str], providers: list[str], gpus: list[Gpu], torch_cuda: str = "no"
 ) -> dict[str, BackendStatus]:
-    """Per backend: usable, or what is missing and the fix. Pure."""
-    have = {name: not v.startswith(("not installed", "broken")) for name, v in versions.items()}
-    no_gpu = "no NVIDIA GPU found (nvidia-smi / CUDA see none)"
-
-    def status(name: str, missing: list[str]) -> BackendStatus:
-        return BackendStatus(True) if not missing else BackendStatus(False, "; ".join(missing), FIX[name])
-
-    out = {"ort": status("ort", [] if have["onnxruntime"] else ["onnxruntime is not installed"])}
-    ort_cuda = (
-        []
-        if "CUDAExecutionProvider" in providers
-        else [
-            "onnxruntime has no CUDAExecutionProvider"
-            if have["onnxruntime"]
-            else "onnxruntime is not installed"
-        ]
-    )
-    out["ort-cuda"] = status("ort-cuda", ort_cuda + ([] if gpus else [no_gpu]))
-    trt = [f"{n} is not installed" for n in ("tensorrt", "cuda-python") if not have[n]]
-    out["tensorrt"] = status("tensorrt", trt + ([] if gpus else [no_gpu]))
-    torch_missing = [f"{n} is not installed" for n in ("torch", "onnx") if not have[n]]
-    out["torch"] = status("torch", torch_missing)
-    no_cuda = [] if torch_cuda == "yes" or not have["torch"] else ["torch sees no CUDA device (a CPU build, or no GPU)"]
-    out["torch-cuda"] = status("torch-cuda", torch_missing + no_cuda + ([] if gpus else [no_gpu]))
+    """Per backend: usable, or what is missing and the fix, judged by the registry's own
+    declarations (gptdeploy.runtimes.backends) over these facts. Pure."""
+    installed = {name for name, v in versions.items() if not v.startswith(("not installed", "broken"))}
+    out = {}
+    for name, backend in BACKENDS.items():
+        missing = missing_from(backend, installed, providers, bool(gpus), torch_cuda == "yes")
+        out[name] = BackendStatus(not missing, "; ".join(missing), backend.install if missing else "")
     return out
 
 

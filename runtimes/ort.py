@@ -17,9 +17,11 @@ from onnxruntime.capi import _pybind_state as C  # the layer onnxruntime's own P
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from gptdeploy import contract as io
-from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BundleError, GenerationError
-from gptdeploy.runtimes.base import RuntimeBase, StepOutput, physical_cores
+from gptdeploy.machine import physical_cores
+from gptdeploy.manifest import GraphEntry
+from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,7 @@ def export_all(source: Path, out: Path) -> dict[str, Path]:
 
 def decode_rate(bundle, threads: int, prompt: np.ndarray, new_tokens: int) -> float:
     """Decode tokens/s after the first token: greedy, no early stop, one warm-up run first."""
-    from gptdeploy.runtimes.base import open_runtime
+    from gptdeploy.runtimes.backends import open_runtime
 
     B, T = prompt.shape
     with open_runtime(bundle, "ort", threads=threads) as rt:
@@ -73,7 +73,7 @@ def decode_rate(bundle, threads: int, prompt: np.ndarray, new_tokens: int) -> fl
 
 def prefill_seconds(bundle, threads: int, prompt: np.ndarray, runs: int) -> float:
     """Median prefill seconds over `runs`, after one warm-up."""
-    from gptdeploy.runtimes.base import open_runtime
+    from gptdeploy.runtimes.backends import open_runtime
 
     B, T = prompt.shape
     args = (prompt, np.ones((B, T), np.int64), np.arange(T, dtype=np.int64)[None].repeat(B, 0))

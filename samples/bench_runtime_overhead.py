@@ -32,7 +32,7 @@ import tokenizers
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
 from gptdeploy.generate import Generator
-from gptdeploy.runtimes.base import open_runtime
+from gptdeploy.runtimes.backends import open_runtime
 from gptdeploy.runtimes.ort import PROVIDERS, session_options
 from gptdeploy.tokenizer import Tokenizer
 

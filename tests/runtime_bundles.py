@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gptdeploy import bundle as bundle_mod
-from gptdeploy.bundle import GraphEntry, Manifest, TokenizerEntry
-from gptdeploy.parity import positions
+from gptdeploy.bundle import write_manifest
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import GraphEntry, Manifest, TokenizerEntry
+from gptdeploy.steps import positions
 from tests.factories import make_hf_gpt2_dir
 
 GRAPH_FILE = "model.onnx"
@@ -64,6 +65,7 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     """export_bundle's layout and manifest, without its parity run."""
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
+    from gptdeploy.exporters.weights_map import graph_weights
     from gptdeploy.modeling import GPT, load_state
 
     source = load_source(source_dir)
@@ -76,14 +78,15 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     files = [GRAPH_FILE, TOKENIZER_FILE] + ([data_file] if data_file else [])
     manifest = Manifest(
         config=source.config,
-        graphs={"fp32": GraphEntry("fp32", GRAPH_FILE, "fp32", sig, data_file)},
+        graphs={"fp32": GraphEntry("fp32", GRAPH_FILE, "fp32", sig, data_file,
+                                   graph_weights(source.config, source.state, "fp32", out / GRAPH_FILE))},
         tokenizer=TokenizerEntry(
             TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
         ),
-        files={f: bundle_mod.sha256_file(out / f) for f in files},
+        files={f: sha256_file(out / f) for f in files},
         source={"kind": source.kind},
     )
-    bundle_mod.write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return out
 
 

@@ -530,7 +530,7 @@ def test_padded_positions_get_no_attention(bundle):
 
 def test_a_record_identifies_model_runtime_and_sampling_and_reproduces_the_output(bundle, tmp_path):
     """Even an unseeded sampled generation: the record keeps the seed that was drawn."""
-    from gptdeploy.bundle import MANIFEST
+    from gptdeploy.manifest import MANIFEST
     from gptdeploy.generate import Generator
 
     _, b = bundle

@@ -7,20 +7,12 @@ import os
 
 import pytest
 
-from gptdeploy.bundle import (
-    MANIFEST,
-    SCHEMA,
-    Bundle,
-    GraphEntry,
-    Manifest,
-    TokenizerEntry,
-    confined,
-    sha256_file,
-    write_manifest,
-)
+from gptdeploy.bundle import Bundle, confined, write_manifest
 from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
 from gptdeploy.errors import BundleError
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST, SCHEMA, GraphEntry, Manifest, TokenizerEntry
 
 
 def _make(tmp_path, **manifest_overrides):

@@ -18,9 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptdeploy.bundle import MANIFEST, Bundle, sha256_file
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import GptDeployError
 from gptdeploy.graph_refs import GraphParseError, external_data_refs_bytes
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST
 from gptdeploy.tokenizer import Tokenizer
 from tests.runtime_bundles import made
 

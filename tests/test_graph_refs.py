@@ -14,9 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import _get_all_tensors, set_external_data, uses_external_data
 
-from gptdeploy.bundle import MANIFEST, Bundle, sha256_file
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BundleError
 from gptdeploy.graph_refs import GraphParseError, external_data_refs, external_data_refs_bytes
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST
 from tests.runtime_bundles import copy_bundle, made
 
 W = np.arange(6, dtype=np.float32).reshape(2, 3)

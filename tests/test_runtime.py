@@ -3,6 +3,8 @@ OrtValues, the protocol's checks, the backend registry, and weights read back fr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,8 +17,9 @@ from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
 from gptdeploy.exporters.onnx import export_onnx
 from gptdeploy.modeling import GPT
-from gptdeploy.runtimes import base
-from gptdeploy.runtimes.base import open_runtime
+from gptdeploy import machine
+from gptdeploy.runtimes import backends
+from gptdeploy.runtimes.backends import open_runtime
 from gptdeploy.runtimes.ort import OrtRuntime
 from gptdeploy.runtimes.torch import TorchRuntime, graph_state_dict
 from tests.runtime_bundles import greedy_steps, left_padded, made
@@ -129,11 +132,11 @@ def test_recording_needs_a_graph_with_attention_outputs():
 
 
 def test_registry_names_what_is_missing(bundle, monkeypatch):
-    assert base.resolve_backend("auto") == "ort"
-    assert {"ort", "torch"} <= set(base.available_backends())
+    assert backends.resolve_backend("auto") == "ort"
+    assert {"ort", "torch"} <= set(backends.available_backends())
     with pytest.raises(BackendUnavailable, match="unknown backend 'onnx'.*ort, ort-cuda, tensorrt, torch"):
         open_runtime(bundle, "onnx")
-    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
+    with pytest.raises(BackendUnavailable, match="(?i)tensorrt is not installed"):
         open_runtime(bundle, "tensorrt")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(BackendUnavailable, match="CUDAExecutionProvider"):
@@ -142,15 +145,15 @@ def test_registry_names_what_is_missing(bundle, monkeypatch):
         open_runtime(bundle, "ort", graph="int8")
     with pytest.raises(GenerationError, match="threads"):
         open_runtime(bundle, "ort", threads=0)
-    monkeypatch.setitem(base.BACKENDS, "ort", base.Backend("ort", lambda: "onnxruntime is broken", "x", ""))
+    monkeypatch.setattr(backends, "missing", lambda name: "onnxruntime is broken")
     with pytest.raises(BackendUnavailable, match="no runtime backend is usable"):
-        base.resolve_backend("auto")
+        backends.resolve_backend("auto")
 
 
 def test_ort_defaults_to_physical_cores_and_explicit_providers(bundle):
-    assert 1 <= base.physical_cores() <= (len(__import__("os").sched_getaffinity(0)))
+    assert 1 <= machine.physical_cores() <= (len(__import__("os").sched_getaffinity(0)))
     with OrtRuntime(bundle, bundle.graph()) as rt:
-        assert rt.threads == base.physical_cores()
+        assert rt.threads == machine.physical_cores()
         assert rt._session.get_providers() == ["CPUExecutionProvider"]
 
 
@@ -197,10 +200,9 @@ def test_auto_falls_back_when_a_gpu_backend_cannot_run_this_bundle(bundle, monke
 
     fake.open_runtime = refuse
     monkeypatch.setitem(sys.modules, "fake_gpu_runtime", fake)
-    monkeypatch.setitem(
-        base.BACKENDS, "tensorrt", base.Backend("tensorrt", lambda: None, "fake_gpu_runtime", "")
-    )
-    assert base.resolve_backend("auto") == "tensorrt"
+    fake_backend = replace(backends.BACKENDS["tensorrt"], module="fake_gpu_runtime", packages=())
+    monkeypatch.setitem(backends.BACKENDS, "tensorrt", fake_backend)
+    assert backends.resolve_backend("auto") == "tensorrt"
     with open_runtime(bundle, "auto", threads=1) as rt:
         assert rt.name == "ort"
     with pytest.raises(BundleError, match="no engine"):
@@ -211,5 +213,5 @@ def test_torch_cuda_without_a_gpu_names_what_is_missing():
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device; tests/test_gpu.py covers torch-cuda")
     with pytest.raises(BackendUnavailable, match=r"backend 'torch-cuda' is unavailable: torch .* sees no CUDA device"):
-        base.resolve_backend("torch-cuda")
-    assert "torch-cuda" not in base.available_backends()
+        backends.resolve_backend("torch-cuda")
+    assert "torch-cuda" not in backends.available_backends()

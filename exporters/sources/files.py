@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 from gptdeploy.errors import SourceError
-
-_CHUNK = 1 << 20
+from gptdeploy.hashing import sha256_file
 
 
 def read_json(path: Path) -> dict:
@@ -23,14 +22,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise SourceError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe(root: Path, name: str, fmt: str, files: list[Path], model_files: list[Path]) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptdeploy.errors import AuditError
+from gptdeploy.hashing import sha256_range
 
 FORMAT = "gptdeploy-audit"
 VERSION = 1
@@ -178,7 +179,7 @@ def scan_file(f, path: Path, size: int, hash_payloads: bool, start: int = 0) -> 
             continue
         frame = Frame(len(out.frames), pos, end, header, stored, ok, start, n)
         if hash_payloads:
-            frame.payload_ok = _sha256_range(f, start, n) == header["payload"]["sha256"]
+            frame.payload_ok = sha256_range(f, start, n) == header["payload"]["sha256"]
         out.frames.append(frame)
         pos = end
     return out
@@ -207,18 +208,6 @@ def _find_mark(f, start: int, size: int) -> int | None:
             return pos + i + 1
         pos += CHUNK
     return None
-
-
-def _sha256_range(f, start: int, n: int) -> str:
-    h = hashlib.sha256()
-    f.seek(start)
-    while n > 0:
-        chunk = f.read(min(n, CHUNK))
-        if not chunk:
-            break
-        h.update(chunk)
-        n -= len(chunk)
-    return h.hexdigest()
 
 
 def read_payload(path: Path, frame: Frame) -> bytes:

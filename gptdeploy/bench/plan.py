@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gptdeploy import machine
 from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BackendUnavailable, GenerationError, GptDeployError
-from gptdeploy.runtimes.base import BACKENDS, physical_cores
+from gptdeploy.machine import physical_cores
+from gptdeploy.runtimes.backends import BACKENDS, missing, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,7 @@ def check_plan(plan: BenchPlan) -> Bundle:
         raise GenerationError(f"--threads must be at least 1, got {plan.threads}")
     for spec in plan.backends:
         name, graph = split_backend(spec)
-        if name not in BACKENDS:
-            raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-        if problem := BACKENDS[name].missing():
-            raise BackendUnavailable(f"backend {name!r} is unavailable here: {problem}")
+        resolve_backend(name)  # an unknown or unusable backend: BackendUnavailable naming the fix
         if graph is not None:
             bundle.graph(graph)  # names the graphs the bundle has
     for base in plan.baselines:
@@ -166,8 +164,8 @@ def split_backend(spec: str) -> tuple[str, str | None]:
 def default_backends(bundle: Bundle) -> tuple[str, ...]:
     """Every runtime usable here, `ort` once per graph in the bundle."""
     out = []
-    for name, backend in BACKENDS.items():
-        if backend.missing() is not None:
+    for name in BACKENDS:
+        if missing(name) is not None:
             continue
         if name.startswith("ort"):
             out += [f"{name}@{g}" for g in bundle.manifest.graphs]
@@ -248,39 +246,12 @@ def add_ratios(rows: list[Row]) -> None:
             }
 
 
+VERSIONED = ("gptdeploy", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "optimum", "tensorrt",
+             "llama_cpp_python")
+
+
 def machine_facts(threads: int) -> dict:
-    facts = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "physical_cores": physical_cores(),
-        "threads": threads,
-        "versions": {},
-        "gpu": None,
-    }
-    for dist in ("gptdeploy", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "optimum", "tensorrt"):
-        try:
-            facts["versions"][dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=False)
-        facts["gpu"] = out.stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return facts
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return machine.facts(threads, VERSIONED)
 
 
 def to_json(plan: BenchPlan, rows: list[Row], complete: bool = True) -> dict:

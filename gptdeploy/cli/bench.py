@@ -39,7 +39,7 @@ def bench(bundle, backends, batches, prompt_lens, new_tokens, runs, warmup, thre
 
     from gptdeploy.bench import plan as lib
     from gptdeploy.bundle import Bundle
-    from gptdeploy.runtimes.base import physical_cores
+    from gptdeploy.machine import physical_cores
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip()) or lib.default_backends(Bundle.load(bundle))
     plan = BenchPlan(bundle, names, batches, prompt_lens, new_tokens, runs, warmup,
