@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gptdeploy import contract as io
 from gptdeploy.contract import GraphSignature
-from gptdeploy.parity import TOLERANCES, left_pad, positions
+from gptdeploy.parity import TOLERANCES
+from gptdeploy.runtimes.session import SessionRuntime
+from gptdeploy.steps import Steps
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class Measure:
 
 @dataclass
 class AgreementReport:
-    """Quantized graph vs the fp32 graph. Duck-compatible with parity.ParityReport where the CLI reads it."""
+    """Quantized graph vs the fp32 graph (gptdeploy.evidence.Evidence, as parity.ParityReport)."""
 
     reference: str
     precision: str
@@ -125,18 +126,7 @@ class AgreementReport:
         return d
 
 
-def _step(session, sig: GraphSignature, ids, mask, pos, past) -> tuple[np.ndarray, dict]:
-    feeds = {io.INPUT_IDS: ids, io.ATTENTION_MASK: mask, io.POSITION_IDS: pos, **past}
-    outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
-    present = {p: outs[q] for p, q in zip(sig.past_names(), sig.present_names())}
-    return outs[io.LOGITS][:, -1, :], present  # (B, V)
-
-
-def _empty_past(sig: GraphSignature, B: int) -> dict[str, np.ndarray]:
-    return {n: np.zeros((B, sig.kv_heads, 0, sig.head_dim), dtype=sig.kv_dtype) for n in sig.past_names()}
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -144,29 +134,25 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def compare_greedy(ref, ref_sig, graph, sig, prompts, *, steps: int, pad_id: int, vocab: int):
     """Both graphs generate `steps` greedy tokens per prompt (left-padded batch), each on its own chain."""
-    ids, mask = left_pad(prompts, pad_id)
     B = len(prompts)
-    chains = [[ids, mask, positions(mask), _empty_past(ref_sig, B)], [ids, mask, positions(mask), _empty_past(sig, B)]]
+    chains = [Steps(SessionRuntime(session, s), prompts, pad_id, room=steps) for session, s in ((ref, ref_sig), (graph, sig))]
+    outs = [c.prefill() for c in chains]
     tokens: list[list[list[int]]] = [[[] for _ in range(B)], [[] for _ in range(B)]]
     prefix = [steps] * B
     margins: list[float] = []
     for step in range(steps):
-        logits = []
-        for c, (session, s) in enumerate(((ref, ref_sig), (graph, sig))):
-            step_ids, step_mask, step_pos, past = chains[c]
-            lg, present = _step(session, s, step_ids, step_mask, step_pos, past)
-            lg = lg[:, :vocab]
-            nxt = lg.argmax(-1)  # (B,)
+        logits = [o.logits[:, :vocab] for o in outs]  # (B, V) each
+        nxt = [lg.argmax(-1) for lg in logits]  # (B,) each
+        for c in range(2):
             for r in range(B):
-                tokens[c][r].append(int(nxt[r]))
-            full_mask = np.concatenate([step_mask, np.ones((B, 1), np.int64)], axis=1)
-            chains[c] = [nxt[:, None].astype(np.int64), full_mask, positions(full_mask)[:, -1:], present]
-            logits.append(lg)
+                tokens[c][r].append(int(nxt[c][r]))
         for r in range(B):
-            if prefix[r] == steps and tokens[0][r][step] != tokens[1][r][step]:
+            if prefix[r] == steps and nxt[0][r] != nxt[1][r]:
                 prefix[r] = step  # same context so far: the fp32 logits judge how close the call was
-                lp = _log_softmax(logits[0][r])
-                margins.append(float(lp[tokens[0][r][step]] - lp[tokens[1][r][step]]))
+                lp = log_softmax(logits[0][r])
+                margins.append(float(lp[nxt[0][r]] - lp[nxt[1][r]]))
+        if step < steps - 1:
+            outs = [c.decode(n) for c, n in zip(chains, nxt)]
     return tokens[0], tokens[1], prefix, margins
 
 
@@ -176,25 +162,22 @@ def compare_teacher_forced(ref, ref_sig, graph, sig, windows: list[list[int]], *
     graph's margin (nats) between its top token and the quantized graph's."""
     win = np.asarray(windows, dtype=np.int64)  # (W, L)
     W, L = win.shape
-    pasts = [_empty_past(ref_sig, W), _empty_past(sig, W)]
+    chains = [Steps(SessionRuntime(session, s), win[:, :1].tolist(), 0, room=L) for session, s in ((ref, ref_sig), (graph, sig))]
+    outs = [c.prefill() for c in chains]
     nll = np.zeros(2)
     agree, count = 0, 0
     margins: list[float] = []
-    for t in range(L - 1):
-        ids = win[:, t : t + 1]  # (W, 1)
-        mask = np.ones((W, t + 1), np.int64)
-        pos = np.full((W, 1), t, np.int64)
-        lps = []
-        for c, (session, s) in enumerate(((ref, ref_sig), (graph, sig))):
-            lg, pasts[c] = _step(session, s, ids, mask, pos, pasts[c])
-            lp = _log_softmax(lg[:, :vocab])  # (W, V)
-            nll[c] -= lp[np.arange(W), win[:, t + 1]].sum()
-            lps.append(lp)
+    for t in range(L - 1):  # outs predict token t + 1
+        lps = [log_softmax(o.logits[:, :vocab]) for o in outs]  # (W, V) each
+        for c in range(2):
+            nll[c] -= lps[c][np.arange(W), win[:, t + 1]].sum()
         top_ref, top = lps[0].argmax(-1), lps[1].argmax(-1)  # (W,)
         rows = np.flatnonzero(top_ref != top)
         margins += (lps[0][rows, top_ref[rows]] - lps[0][rows, top[rows]]).tolist()
         agree += W - len(rows)
         count += W
+        if t < L - 2:
+            outs = [c.decode(win[:, t + 1]) for c in chains]
     return nll[0] / count, nll[1] / count, agree / count, margins
 
 

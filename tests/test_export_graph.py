@@ -20,7 +20,7 @@ from gptdeploy.exporters.onnx import (
 )
 from gptdeploy.exporters.quantize import untie_lm_head
 from gptdeploy.modeling import GPT
-from gptdeploy.parity import positions
+from gptdeploy.steps import positions
 
 # The traced graph and torch run the same fp32 math in a different GEMM order: ~3e-7
 # relative, so 1e-4 absolute on logits of magnitude up to ~40, 1e-5 on K/V and probabilities.

@@ -19,7 +19,8 @@ from gptdeploy import contract as io
 from gptdeploy.cli import cli
 from gptdeploy.exporters.export import export_bundle
 from gptdeploy.exporters.fp16 import Fp16CpuSession, precision_islands
-from gptdeploy.parity import TOLERANCES, left_pad, positions
+from gptdeploy.parity import TOLERANCES
+from gptdeploy.steps import left_pad, positions
 from tests.factories import make_hf_gpt2_dir
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "tiny-gpt"
@@ -161,7 +162,7 @@ def _nll_reference(src_dir: Path, windows: np.ndarray, vocab: int) -> float:
 
 def _nll_bundle(bundle, windows: np.ndarray, vocab: int) -> float:
     """Mean next-token NLL of a bundle's graph through the `ort` runtime (prefill, then decode)."""
-    from gptdeploy.runtimes.base import open_runtime
+    from gptdeploy.runtimes.backends import open_runtime
 
     W, L = windows.shape
     total = 0.0
@@ -218,7 +219,7 @@ def test_quantized_sample_perplexity_and_greedy_within_bounds(sample, precision)
 
 
 def _last_log_probs(bundle, ids: np.ndarray, vocab: int) -> np.ndarray:
-    from gptdeploy.runtimes.base import open_runtime
+    from gptdeploy.runtimes.backends import open_runtime
 
     with open_runtime(bundle, "ort") as rt:
         out = rt.prefill(ids, np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None])

@@ -76,13 +76,14 @@ def _measure(row: Row, one_run, job: dict, after_run=lambda: None) -> Row:
 
 def run_runtime(job: dict) -> Row:
     from gptdeploy.bundle import Bundle
-    from gptdeploy.runtimes.base import open_runtime
+    from gptdeploy.runtimes.backends import open_runtime
+    from gptdeploy.steps import Steps
 
     name, graph = split_backend(job["backend"])
     bundle = Bundle.load(job["bundle"])
     entry = bundle.graph(graph)
-    ids = np.asarray(job["prompt_ids"], dtype=np.int64)  # (B, T)
-    B, T = ids.shape
+    ids = job["prompt_ids"]  # (B, T), every row of one length: no padding
+    B, T = len(ids), len(ids[0])
     n = job["new_tokens"]
     vocab = bundle.manifest.tokenizer.vocab_size
     row = Row(f"{name} {entry.name}", name, entry.name, B, T, n)
@@ -90,23 +91,19 @@ def run_runtime(job: dict) -> Row:
     t0 = time.perf_counter()
     runtime = open_runtime(bundle, name, entry.name, job["threads"])
     row.load_s = time.perf_counter() - t0
-    masks = [np.ones((B, T + i), dtype=np.int64) for i in range(n)]  # made before timing
-    positions = [np.full((B, 1), T + i, dtype=np.int64) for i in range(n)]
-    pos0 = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
 
     def one_run() -> tuple[float, list[float], list[list[int]]]:
         start = time.perf_counter()
-        out = runtime.prefill(ids, masks[0], pos0)
-        nxt = out.logits[:, :vocab].argmax(-1)  # (B,) greedy
+        steps = Steps(runtime, ids, pad_id=0, room=n)
+        nxt = steps.prefill().logits[:, :vocab].argmax(-1)  # (B,) greedy
         ttft = time.perf_counter() - start
-        tokens, steps = [nxt], []
-        for i in range(1, n):
+        tokens, times = [nxt], []
+        for _ in range(1, n):
             s = time.perf_counter()
-            out = runtime.decode(nxt[:, None].astype(np.int64), masks[i], positions[i - 1])
-            nxt = out.logits[:, :vocab].argmax(-1)
-            steps.append(time.perf_counter() - s)
+            nxt = steps.decode(nxt).logits[:, :vocab].argmax(-1)
+            times.append(time.perf_counter() - s)
             tokens.append(nxt)
-        return ttft, steps, np.stack(tokens, 1).tolist()
+        return ttft, times, np.stack(tokens, 1).tolist()
 
     with runtime:
         _measure(row, one_run, job, after_run=device.sample if device else lambda: None)
