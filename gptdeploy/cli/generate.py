@@ -32,115 +32,100 @@ def read_prompt(prompt: str) -> str:
     return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
+def sampling_options(command):
+    """The sampling options every generating command takes (generate, chat, serve)."""
+    for decorator in reversed((
+        click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0: off)."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1] (1: off)."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="> 1 discourages repeats."),
+        click.option("--seed", type=int, help="Seed for sampling (same seed, same text)."),
+        click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+    )):
+        command = decorator(command)
+    return command
+
+
+def runtime_options(command):
+    """Where and how the bundle runs."""
+    for decorator in reversed((
+        click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda, tensorrt, torch or torch-cuda."),
+        click.option("--graph", help="Graph of the bundle to run (default: its only one)."),
+        click.option("--threads", type=int, help="CPU threads (default: physical cores)."),
+        click.option("--no-verify-hashes", is_flag=True, help="Skip the SHA-256 check of bundle files (large bundles)."),
+    )):
+        command = decorator(command)
+    return command
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; > 0: sample.")
-@click.option(
-    "--top-k", type=int, default=0, show_default=True, help="Sample from the k most likely tokens (0: off)."
-)
-@click.option(
-    "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass in (0, 1] (1: off)."
-)
-@click.option(
-    "--repetition-penalty", type=float, default=1.0, show_default=True, help="> 1 discourages repeats."
-)
-@click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
-@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
-@click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda, tensorrt, torch or torch-cuda.")
-@click.option("--graph", help="Graph of the bundle to run (default: fp32).")
-@click.option("--threads", type=int, help="CPU threads (default: physical cores).")
+@sampling_options
+@runtime_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
-@click.option(
-    "--no-verify-hashes", is_flag=True, help="Skip the SHA-256 check of bundle files (large bundles)."
-)
 @click.option(
     "--audit", "audit_log", type=click.Path(path_type=Path),
     help="Append an audit record (prompt, output, sampling, model, attention of every layer and head) to this log.",
 )
 @click.option("--audit-float32", is_flag=True, help="Store audited attention as float32 (exact; ~2x the float16 size).")
-def generate(
-    bundle: Path,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    seed: int | None,
-    stop: tuple[str, ...],
-    backend: str,
-    graph: str | None,
-    threads: int | None,
-    stream: bool,
-    as_json: bool,
-    no_verify_hashes: bool,
-    audit_log: Path | None,
-    audit_float32: bool,
-) -> None:
+def generate(bundle: Path, prompt: str, backend: str, graph: str | None, threads: int | None,
+             no_verify_hashes: bool, stream: bool, as_json: bool, audit_log: Path | None, audit_float32: bool,
+             **sampling) -> None:
     """Generate text from BUNDLE for PROMPT ("-" reads the prompt from stdin)."""
     from gptdeploy.generate import Generator  # numpy + onnxruntime only, and only when generating
 
     if stream and as_json:
         raise click.BadParameter("--stream and --json cannot be combined", param_hint="--json")
     text = read_prompt(prompt)
-    with Generator.load(
-        bundle, backend=backend, graph=graph, threads=threads, verify_hashes=not no_verify_hashes
-    ) as gen:
-        run = gen.stream if stream else gen.generate
-        out = run(
-            text,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            record_attention=audit_log is not None,
-        )
-        if stream:
-            with out as pieces:
-                for piece in pieces:
-                    click.echo(piece, nl=False)
-                click.echo()
-                result = pieces.result
-        else:
-            result = out
+    with Generator.load(bundle, backend=backend, graph=graph, threads=threads,
+                        verify_hashes=not no_verify_hashes) as gen:
+        result = _run(gen, text, stream, dict(sampling, record_attention=audit_log is not None))
         if audit_log is not None:
             from gptdeploy.audit.record import AuditOptions, append_generation
 
-            append_generation(audit_log, gen, result, max_new_tokens=max_new_tokens, stop=stop,
-                              options=AuditOptions(dtype="float32" if audit_float32 else "float16"))
+            append_generation(audit_log, gen, result, max_new_tokens=sampling["max_new_tokens"],
+                              stop=sampling["stop"], options=AuditOptions(dtype="float32" if audit_float32 else "float16"))
+        if as_json:
+            click.echo(json.dumps(_as_dict(result, gen), ensure_ascii=False, indent=2))
+            return
         if not stream:
-            if as_json:
-                click.echo(
-                    json.dumps(
-                        {
-                            "text": result.text,
-                            "token_ids": result.token_ids,
-                            "prompt_token_ids": result.prompt_token_ids,
-                            "finish_reason": result.finish_reason,
-                            "timings": result.timings.to_dict(),
-                            "sampling": dataclasses.asdict(result.sampling),
-                            "backend": gen.runtime.name,
-                            "graph": gen.runtime.graph.name,
-                        },
-                        ensure_ascii=False,
-                        indent=2,
-                    )
-                )
-                return
             click.echo(result.text)
+    click.echo(footer(result, gen.runtime.name), err=True)
+
+
+def _run(gen, text: str, stream: bool, options: dict):
+    """The result; with `stream`, its text is printed piece by piece on the way."""
+    if not stream:
+        return gen.generate(text, **options)
+    with gen.stream(text, **options) as pieces:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+        return pieces.result
+
+
+def _as_dict(result, gen) -> dict:
+    return {
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "prompt_token_ids": result.prompt_token_ids,
+        "finish_reason": result.finish_reason,
+        "timings": result.timings.to_dict(),
+        "sampling": dataclasses.asdict(result.sampling),
+        "backend": gen.runtime.name,
+        "graph": gen.runtime.graph.name,
+    }
+
+
+def footer(result, backend: str) -> str:
+    """One line on stderr: tokens, why it stopped, speed, backend (and the seed of a sampled text)."""
     t = result.timings
     seed = "" if result.sampling.greedy else f", seed {result.sampling.seed}"
-    click.echo(
-        f"[{t.tokens} tokens, {result.finish_reason}; first token {t.time_to_first_token_s * 1e3:.0f} ms, "
-        f"{t.decode_tokens_per_s:.1f} tokens/s; {gen.runtime.name}{seed}]",
-        err=True,
-    )
+    return (f"[{t.tokens} tokens, {result.finish_reason}; first token {t.time_to_first_token_s * 1e3:.0f} ms, "
+            f"{t.decode_tokens_per_s:.1f} tokens/s; {backend}{seed}]")
 
 
-__all__ = ["generate", "read_prompt"]
+__all__ = ["footer", "generate", "read_prompt", "runtime_options", "sampling_options"]
