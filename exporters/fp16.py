@@ -1,5 +1,6 @@
-"""The fp16 graph checked without a GPU: a CPU evaluator that really computes in fp16, and a
-static check of the graph's fp32 islands.
+"""The fp16 graph checked without a GPU: a CPU evaluator that really computes in fp16, and the
+static fp16 rules (its fp32 islands) on one type inference, shared by export, verify and
+build-engine (exporters/tensorrt/checks.py).
 
 onnxruntime's CPU provider lacks fp16 kernels for most ops and silently wraps them in Casts
 to fp32, so its numbers say little about fp16 numerics. onnx's reference evaluator (numpy)
@@ -11,6 +12,7 @@ which is what GPU tensor cores do (exact fp16 products, fp32 accumulation).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +22,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from gptdeploy import contract as io
-from gptdeploy.contract import GraphSignature
 
 CPU_PATH = (
     "onnx.reference.ReferenceEvaluator (numpy) on the CPU: every op computes on fp16 values and "
@@ -77,27 +78,69 @@ class Fp16CpuSession:
         return list(self._evaluator.run(output_names, feeds))
 
 
-def precision_islands(proto: onnx.ModelProto) -> dict[str, list[str]]:
-    """Element types the graph computes in, by the ops that matter: what LayerNorm, Softmax and
-    the lm_head read, what the weight MatMuls read, and which ops are not standard ONNX."""
-    inferred = onnx.shape_inference.infer_shapes(proto)
+# ------------------------------------------------------------------- the typed graph and its rules
+
+
+@dataclass(frozen=True)
+class TypedGraph:
+    """A model after ONNX shape inference, with the element type of every tensor it names."""
+
+    model: onnx.ModelProto
+    types: dict[str, int]  # tensor name -> TensorProto element type (0: unknown)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def dtype(self, name: str) -> str:
+        """numpy's name for a tensor's type ("float16"), or "unknown"."""
+        t = self.types.get(name, 0)
+        return helper.tensor_dtype_to_np_dtype(t).name if t else "unknown"
+
+    def io_types(self) -> dict[str, str]:
+        return {v.name: self.dtype(v.name) for v in [*self.graph.input, *self.graph.output]}
+
+
+def typed_graph(model: onnx.ModelProto | str | Path) -> TypedGraph:
+    """The one type inference of every static check. A path is loaded without its external weights
+    (initializers keep dtype and dims), so a 2 GB+ graph is typed in a few MB."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-    types |= {t.name: t.data_type for t in g.initializer}
-    name = lambda t: helper.tensor_dtype_to_np_dtype(t).name if t else "unknown"
-    inits = {t.name for t in g.initializer}
-    out: dict[str, list[str]] = {"layernorm": [], "softmax": [], "lm_head": [], "weight_matmul": [], "non_standard": []}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return TypedGraph(inferred, types)
+
+
+def _island_nodes(tg: TypedGraph) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes the fp16 rules are about, by kind: LayerNorm, Softmax, the lm_head Gemm, MatMuls
+    with a weight operand, and ops outside standard ONNX."""
+    g, inits = tg.graph, {t.name for t in tg.graph.initializer}
+    kinds = ("layernorm", "softmax", "lm_head", "weight_matmul", "non_standard")
+    out: dict[str, list] = {kind: [] for kind in kinds}
     for node in g.node:
         if node.domain not in STANDARD_DOMAINS:
-            out["non_standard"].append(f"{node.op_type} ({node.domain})")
+            out["non_standard"].append(node)
         elif node.op_type == "LayerNormalization":
-            out["layernorm"].append(name(types.get(node.input[0])))
+            out["layernorm"].append(node)
         elif node.op_type == "Softmax":
-            out["softmax"].append(name(types.get(node.input[0])))
+            out["softmax"].append(node)
         elif node.op_type == "Gemm" and io.LOGITS in _consumers_until_output(g, node):
-            out["lm_head"].append(name(types.get(node.input[0])))
+            out["lm_head"].append(node)
         elif node.op_type == "MatMul" and node.input[1] in inits:
-            out["weight_matmul"].append(name(types.get(node.input[1])))
+            out["weight_matmul"].append(node)
+    return out
+
+
+def precision_islands(model: onnx.ModelProto | TypedGraph) -> dict[str, list[str]]:
+    """Element types the graph computes in, by the ops that matter: what LayerNorm, Softmax and
+    the lm_head read, what the weight MatMuls read, and which ops are not standard ONNX."""
+    tg = model if isinstance(model, TypedGraph) else typed_graph(model)
+    nodes = _island_nodes(tg)
+    out = {kind: [tg.dtype(n.input[0]) for n in nodes[kind]] for kind in ("layernorm", "softmax", "lm_head")}
+    out["weight_matmul"] = [tg.dtype(n.input[1]) for n in nodes["weight_matmul"]]
+    out["non_standard"] = [f"{n.op_type} ({n.domain})" for n in nodes["non_standard"]]
     return out
 
 
@@ -113,25 +156,80 @@ def _consumers_until_output(g: onnx.GraphProto, node: onnx.NodeProto) -> set[str
     return reached
 
 
-def fp16_graph_problems(proto: onnx.ModelProto, sig: GraphSignature) -> list[str]:
-    """Every way the graph breaks the fp16 contract: fp16 weights and KV cache, fp32 LayerNorm,
-    softmax and logits, standard ONNX only (TensorRT's parser refuses onnxruntime contrib ops)."""
-    isl = precision_islands(proto)
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """What `check_precision` found: the fp32 islands kept, and every rule broken."""
+
+    kept_fp32: dict[str, int]  # rule ops and outputs found in float32, by op type or output kind
+    problems: list[str]  # every broken rule; empty: the graph keeps them all
+
+
+def check_precision(tg: TypedGraph, precision: str | None = None) -> PrecisionCheck:
+    """The fp16 rules (DESIGN.md, TensorRT), checked once for export, verify and build-engine. Every
+    graph: LayerNorm, Softmax, the lm_head and the logits / attentions outputs in float32, past and
+    present KV of one dtype. A graph declared "fp16" also: fp16 weights and KV cache, each fp32 island
+    present, standard ONNX only (TensorRT's parser refuses onnxruntime contrib ops)."""
+    nodes, io_types = _island_nodes(tg), tg.io_types()
+    kept: Counter = Counter()
+    problems: list[str] = []
+    for node in [*nodes["layernorm"], *nodes["softmax"]]:
+        wrong = [n for n in (node.input[0], node.output[0]) if tg.types.get(n) != TensorProto.FLOAT]
+        if wrong:
+            problems.append(
+                f"{node.op_type} {node.name or node.output[0]} computes in {tg.dtype(wrong[0])}; "
+                "the fp16 rules keep it in float32"
+            )
+        else:
+            kept[node.op_type] += 1
+    for node in nodes["lm_head"]:
+        if tg.types.get(node.input[0]) != TensorProto.FLOAT:
+            name, got = node.name or node.output[0], tg.dtype(node.input[0])
+            problems.append(f"lm_head {name} reads {got}; the fp16 rules compute the logits in float32")
+    outputs = {v.name for v in tg.graph.output}
+    for name in [io.LOGITS] + [io.attention(i) for i in range(len(outputs)) if io.attention(i) in outputs]:
+        if name in io_types and io_types[name] != "float32":
+            problems.append(f"output {name} is {io_types[name]}; it must be float32")
+        elif name in io_types:
+            kept["logits" if name == io.LOGITS else "attentions"] += 1
+    kv = _kv_pairs(tg, io_types)
+    problems += [f"{past} is {io_types[past]} but {present} is {io_types[present]}"
+                 for past, present in kv if io_types[past] != io_types[present]]
+    if precision == "fp16":
+        problems += _fp16_only(tg, nodes, [name for pair in kv for name in pair], io_types)
+    return PrecisionCheck(dict(kept), problems)
+
+
+def _kv_pairs(tg: TypedGraph, io_types: dict[str, str]) -> list[tuple[str, str]]:
+    """(past, present) of every layer's key and value the graph has, by the contract's names."""
+    pairs = [pair for i in range(len(tg.graph.input))
+             for pair in ((io.past_key(i), io.present_key(i)), (io.past_value(i), io.present_value(i)))]
+    return [(past, present) for past, present in pairs if past in io_types and present in io_types]
+
+
+def _fp16_only(tg: TypedGraph, nodes: dict, kv: list[str], io_types: dict[str, str]) -> list[str]:
+    """The rules only an fp16 graph has to keep: what it computes in fp16, and that its islands exist."""
     problems = []
-    if isl["non_standard"]:
-        problems.append(f"non-standard ops {sorted(set(isl['non_standard']))}")
+    if nodes["non_standard"]:
+        found = sorted({f"{n.op_type} ({n.domain})" for n in nodes["non_standard"]})
+        problems.append(f"non-standard ops {found}; TensorRT's parser refuses onnxruntime contrib ops")
     for kind in ("layernorm", "softmax", "lm_head"):
-        bad = [t for t in isl[kind] if t != "float32"]
-        if bad or not isl[kind]:
-            problems.append(f"{kind} must compute in float32, found {isl[kind] or 'none'}")
-    if set(isl["weight_matmul"]) != {"float16"}:
-        problems.append(f"weight MatMuls must be float16, found {sorted(set(isl['weight_matmul']))}")
-    kv = set(sig.past_names()) | set(sig.present_names())
-    io_values = [*proto.graph.input, *proto.graph.output]
-    wrong = [v.name for v in io_values if v.name in kv and v.type.tensor_type.elem_type != TensorProto.FLOAT16]
+        if not nodes[kind]:
+            problems.append(f"no {kind} found; an fp16 graph computes its {kind} in float32")
+    weights = sorted({tg.dtype(n.input[1]) for n in nodes["weight_matmul"]})
+    if weights != ["float16"]:
+        problems.append(f"weight MatMuls must be float16, found {weights}")
+    wrong = [name for name in kv if io_types[name] != "float16"]
     if wrong:
         problems.append(f"KV cache tensors must be float16: {wrong[:3]}")
     return problems
 
 
-__all__ = ["CPU_PATH", "Fp16CpuSession", "fp16_graph_problems", "precision_islands"]
+__all__ = [
+    "CPU_PATH",
+    "Fp16CpuSession",
+    "PrecisionCheck",
+    "TypedGraph",
+    "check_precision",
+    "precision_islands",
+    "typed_graph",
+]

@@ -134,7 +134,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
 def _fp16(model, options, path, external_data, reference, inputs, stage) -> BuiltGraph:
     import onnx
 
-    from gptdeploy.exporters.fp16 import Fp16CpuSession, fp16_graph_problems, precision_islands
+    from gptdeploy.exporters.fp16 import Fp16CpuSession, check_precision, precision_islands, typed_graph
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.modeling import to_fp16
 
@@ -143,12 +143,12 @@ def _fp16(model, options, path, external_data, reference, inputs, stage) -> Buil
         to_fp16(model), path, attentions=options.attentions, last_logits_only=options.last_logits_only,
         external_data=external_data,
     )
-    proto = onnx.load(str(path), load_external_data=False)
-    problems = fp16_graph_problems(proto, sig)
+    typed = typed_graph(onnx.load(str(path), load_external_data=False))
+    problems = check_precision(typed, "fp16").problems
     if problems:  # a bug of ours, not of the user's model
         raise ExportError(f"the fp16 graph breaks its own contract: {'; '.join(problems)}")
-    islands = {k: sorted(set(v)) for k, v in precision_islands(proto).items()}
-    del proto
+    islands = {k: sorted(set(v)) for k, v in precision_islands(typed).items()}
+    del typed
     stage("checking fp16 parity on the CPU (onnx reference evaluator, fp16 arithmetic)")
     report = source_parity(Fp16CpuSession(path), sig, reference, inputs, "fp16")
     if not report.passed:

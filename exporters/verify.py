@@ -39,7 +39,7 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
     """
     import onnx
 
-    from gptdeploy.exporters.fp16 import fp16_graph_problems
+    from gptdeploy.exporters.fp16 import check_precision, typed_graph
     from gptdeploy.exporters.onnx import graph_io_problems
     from gptdeploy.exporters.sources import load_source
     from gptdeploy.exporters.tensorrt.checks import check_trt_operators
@@ -51,7 +51,7 @@ def verify_bundle(path: Path, *, source: Path | None = None, integrity_only: boo
         result.io_problems += [f"{entry.name}: {p}" for p in graph_io_problems(graph_path, entry.signature)]
         proto = onnx.load(str(graph_path), load_external_data=False)
         if entry.precision == "fp16":
-            result.io_problems += [f"{entry.name}: {p}" for p in fp16_graph_problems(proto, entry.signature)]
+            result.io_problems += [f"{entry.name}: {p}" for p in check_precision(typed_graph(proto), "fp16").problems]
         if entry.precision in ("int8", "int4") or any(n.domain not in ("", "ai.onnx") for n in proto.graph.node):
             result.tensorrt[entry.name] = None  # quantized or fused: a CPU graph for onnxruntime
         else:  # a build-engine input: anything TensorRT's parser would reject is a failure

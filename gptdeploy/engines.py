@@ -12,6 +12,14 @@ from gptdeploy.profiles import PHASES
 
 ENGINE_DIR = "engines"
 AMPERE = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS: engines run on compute capability >= 8.0
+# Version-compatible engines (BuilderFlag.VERSION_COMPATIBLE, TensorRT 8.6 on) run on the release that
+# built them and later releases of its major ("built ... using TensorRT 11.0 will be compatible with
+# TensorRT 11.1 and later 11.x versions", TensorRT 11.1 guide, Engine Compatibility). Across majors
+# exactly two pairs: "TensorRT 10 version-compatible engines can run with a TensorRT 11 runtime, and
+# TensorRT 8 version-compatible engines can run with a TensorRT 10 runtime. No other combination across
+# major versions is supported" (TensorRT 11.4.1 Support Matrix, Engine Portability).
+VERSION_COMPAT_SINCE = (8, 6)
+CROSS_MAJOR = {8: 10, 10: 11}  # engine's major -> the one later major whose runtime runs it
 
 
 # ---------------------------------------------------------------------- names, entries, compat
@@ -127,11 +135,8 @@ def compat_check(
         return f"engine entry {name} is malformed (trt_version / compute_capability unreadable); {fix}"
     here, have = tuple(map(int, trt_release(trt_version).split("."))), _cc(device_cc)
     if entry.get("version_compatible"):
-        if here < built:  # version-compatible plans run on the same or a later TensorRT only
-            return (
-                f"engine {name} needs TensorRT {entry['trt_version']} or later; this machine has "
-                f"{trt_release(trt_version)}; {fix}"
-            )
+        if problem := _version_compat_problem(built, here):
+            return f"engine {name} {problem}; this machine has {trt_release(trt_version)}; {fix}"
     elif here != built:
         return (
             f"engine {name} was built with TensorRT {entry['trt_version']}; this machine has "
@@ -148,6 +153,19 @@ def compat_check(
             f"engine {name} was built for compute capability {want[0]}.{want[1]}; this GPU is "
             f"{have[0]}.{have[1]}; {fix}"
         )
+    return None
+
+
+def _version_compat_problem(built: tuple[int, ...], here: tuple[int, ...]) -> str | None:
+    """Why a version-compatible engine built with TensorRT `built` cannot run on `here`, or None."""
+    release = ".".join(map(str, built))
+    if built[:2] < VERSION_COMPAT_SINCE:
+        return f"claims version compatibility, which TensorRT has since 8.6 only, but is from {release}"
+    if here < built:
+        return f"needs TensorRT {release} or later"
+    if here[0] != built[0] and CROSS_MAJOR.get(built[0]) != here[0]:
+        later = f" and on TensorRT {CROSS_MAJOR[built[0]]}.x" if built[0] in CROSS_MAJOR else ""
+        return f"(TensorRT {release}, version-compatible) runs on later {built[0]}.x releases{later} only"
     return None
 
 

@@ -15,14 +15,21 @@ same binding logic on the CPU provider; the tests use it to check the ping-pong 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+import sys
+import tempfile
+from io import StringIO
 
 import numpy as np
 import onnxruntime as ort
 
 from gptdeploy import contract as io
-from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,14 @@ INSTALL = (
     "pip install 'gptdeploy[gpu]' (onnxruntime-gpu replaces onnxruntime: pip uninstall onnxruntime first)"
 )
 CUDA_EP, TRT_EP = "CUDAExecutionProvider", "TensorrtExecutionProvider"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # onnxruntime colours its log lines on a terminal
+REQUIREMENTS = "onnxruntime.ai/docs/execution-providers/CUDA-ExecutionProvider.html#requirements"
+# What the loader says about the first missing library, as onnxruntime logs it (provider_bridge_ort.cc
+# "Failed to load library libonnxruntime_providers_cuda.so with error: ..."): dlerror on Linux,
+# LoadLibrary's dependency message on Windows.
+MISSING_LIBRARY = re.compile(
+    r"([\w.+-]+\.so[\w.]*): cannot open shared object file|depends on \"([^\"]+)\" which is missing"
+)
 
 
 def missing() -> str | None:
@@ -49,6 +64,70 @@ def providers(device: str, device_id: int, tensorrt_ep: bool) -> list:
     if tensorrt_ep and TRT_EP in have:
         chosen.append((TRT_EP, {"device_id": device_id}))
     return chosen + [(CUDA_EP, {"device_id": device_id}), "CPUExecutionProvider"]
+
+
+def _open_session(path, name: str, so, device: str, device_id: int, tensorrt_ep: bool):
+    """The InferenceSession, refused (BackendUnavailable) when asked for CUDA but made on the CPU."""
+    chosen = providers(device, device_id, tensorrt_ep)
+    with _onnxruntime_log() if device == "cuda" else contextlib.nullcontext([]) as log_lines:
+        try:
+            session = ort.InferenceSession(str(path), so, providers=chosen)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise BundleError(
+                f"onnxruntime cannot load graph {name!r} on {device}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+            ) from None
+    session.disable_fallback()  # a later provider failure raises instead of re-running on the CPU
+    if device == "cuda" and CUDA_EP not in session.get_providers():
+        raise BackendUnavailable(f"backend 'ort-cuda' is unavailable: {_cpu_fallback_reason(log_lines)}")
+    return session
+
+
+@contextlib.contextmanager
+def _onnxruntime_log():
+    """The lines onnxruntime writes while a session is made: its C++ log (file descriptor 2, a
+    CLogSink flushed per message) and its Python fallback notice (`print`, onnxruntime_inference_
+    collection.py). Both are passed on to where they were going once the session exists."""
+    lines: list[str] = []
+    printed = StringIO()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as native:
+        os.dup2(native.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(printed):
+                yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            native.seek(0)
+            logged = native.read().decode(errors="replace")
+            sys.stderr.write(logged)
+            sys.stdout.write(printed.getvalue())
+            lines += logged.splitlines() + printed.getvalue().splitlines()
+
+
+def _cpu_fallback_reason(log_lines: list[str]) -> str:
+    """One line: onnxruntime made the session without CUDAExecutionProvider, which it does with only a
+    warning when the CUDA or cuDNN libraries fail to load (onnxruntime_pybind_state.cc: "Failed to
+    create CUDAExecutionProvider"); the missing library by name when its log gives one."""
+    text = " ".join(log_lines)
+    found = MISSING_LIBRARY.search(text)
+    if found:
+        library = next(g for g in found.groups() if g)
+        return (
+            f"onnxruntime could not load {library} for {CUDA_EP} and made the session on the CPU; install "
+            f"the CUDA/cuDNN release this onnxruntime-gpu was built for ({REQUIREMENTS}) where the loader "
+            "finds it (LD_LIBRARY_PATH, or onnxruntime.preload_dlls() for NVIDIA's pip wheels)"
+        )
+    said = [ANSI.sub("", line).strip() for line in log_lines if CUDA_EP in line or "EP Error" in line]
+    return (
+        f"onnxruntime made the session on the CPU: {CUDA_EP} did not start"
+        + (f" ({said[-1][:200]})" if said else "")
+        + "; its CUDA/cuDNN libraries failed to load or the driver is too old for them. Check with "
+        "nvidia-smi and python -c \"import onnxruntime as o; o.set_default_logger_severity(0); "
+        "o.InferenceSession('model.onnx', providers=['CUDAExecutionProvider'])\""
+    )
 
 
 class OrtCudaRuntime(RuntimeBase):
@@ -73,15 +152,7 @@ class OrtCudaRuntime(RuntimeBase):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads  # CPU-side ops (shape arithmetic) only
-        try:
-            self._session = ort.InferenceSession(
-                str(bundle.file(graph.file)), so, providers=providers(device, device_id, tensorrt_ep)
-            )
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise BundleError(
-                f"onnxruntime cannot load graph {graph.file!r} on {device}: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-            ) from None
+        self._session = _open_session(bundle.file(graph.file), graph.file, so, device, device_id, tensorrt_ep)
         sig = graph.signature
         have = {i.name for i in self._session.get_inputs()} | {o.name for o in self._session.get_outputs()}
         want = {s.name for s in [*sig.inputs(), *sig.outputs()]}

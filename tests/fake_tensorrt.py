@@ -2,12 +2,12 @@
 enforce, so the engine builder and the `tensorrt` runtime run end to end without a GPU.
 
 They implement only the calls gptdeploy makes, with the names and signatures of the TensorRT 10
-Python bindings and cuda-python (see the citations in exporters/tensorrt/builder.py and
-runtimes/tensorrt.py). The "engine" a fake build serializes is JSON naming the ONNX graph; the
-fake execution context runs that graph with onnxruntime on the CPU, reading inputs from and
-writing outputs to the fake device memory at the addresses the runtime bound. It refuses what
-TensorRT refuses: shapes outside the active profile, unbound tensors, outputs overlapping inputs
-(which would break the KV ping-pong), buffers too small for the shapes set.
+Python bindings and cuda-python (see the citations in exporters/tensorrt/builder.py, runtimes/trt.py
+and runtimes/tensorrt.py). The "engine" a fake build serializes is JSON naming the ONNX graph; a
+fake execution context runs that graph with onnxruntime on the CPU, reading inputs from and writing
+outputs to the fake device memory at the addresses the runtime bound. It refuses what TensorRT
+refuses: shapes outside its profile, unbound tensors, outputs overlapping inputs (which would break
+the KV ping-pong), a user-managed context without its activation memory.
 """
 
 from __future__ import annotations
@@ -16,15 +16,19 @@ import ctypes
 import json
 import sys
 import types
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------- cudart
+# cudaError_t values and names (driver_types.h) that the fakes return
+ERRORS = {0: "cudaSuccess", 1: "cudaErrorInvalidValue", 2: "cudaErrorMemoryAllocation",
+          35: "cudaErrorInsufficientDriver", 100: "cudaErrorNoDevice", 400: "cudaErrorInvalidResourceHandle"}
 
 
 class FakeCudart(types.ModuleType):
-    """cuda.bindings.runtime: every call returns (cudaError_t, *values)."""
+    """cuda.bindings.runtime: every call returns (cudaError_t, *values). `device_error` is what
+    cudaGetDeviceCount fails with (35: cuda-python 13 on a CUDA 12 driver)."""
 
     class cudaError_t:
         cudaSuccess = 0
@@ -34,23 +38,28 @@ class FakeCudart(types.ModuleType):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
 
-    def __init__(self, devices: int = 1, cc: tuple[int, int] = (9, 0), name: bytes = b"Fake H100"):
+    def __init__(self, devices=1, cc=(9, 0), name=b"Fake H100", device_error: int | None = None):
         super().__init__("cuda.bindings.runtime")
-        self.devices, self.cc, self.gpu_name = devices, cc, name
-        self.memory: dict[int, np.ndarray] = {}  # base address -> bytes
+        self.__spec__ = ModuleSpec(self.__name__, None)  # importlib.util.find_spec (torch._dynamo) needs one
+        self.devices, self.cc, self.gpu_name, self.device_error = devices, cc, name, device_error
+        self.memory: dict[int, np.ndarray] = {}  # device: base address -> bytes
+        self.pinned: dict[int, ctypes.Array] = {}  # page-locked host: address -> buffer
+        self.pageable_copies = 0  # device-to-host copies into memory cudaMallocHost did not give
         self._next = 1 << 32
         self.streams: set[str] = set()
 
     def cudaGetErrorName(self, err):
-        return 0, b"cudaErrorFake%d" % int(err)
+        return 0, ERRORS.get(int(err), f"cudaErrorUnknown{int(err)}").encode()
 
     def cudaGetDeviceCount(self):
+        if self.device_error is not None:
+            return self.device_error, 0
         return (0, self.devices) if self.devices else (100, 0)  # 100: cudaErrorNoDevice
 
     def cudaGetDeviceProperties(self, i):
-        return 0, types.SimpleNamespace(
-            name=self.gpu_name, major=self.cc[0], minor=self.cc[1], totalGlobalMem=80 << 30
-        )
+        prop = types.SimpleNamespace(name=self.gpu_name, major=self.cc[0], minor=self.cc[1])
+        prop.totalGlobalMem = 80 << 30
+        return 0, prop
 
     def cudaDriverGetVersion(self):
         return 0, 12040
@@ -61,10 +70,15 @@ class FakeCudart(types.ModuleType):
         return 0, base
 
     def cudaFree(self, ptr):
-        if ptr not in self.memory:
-            return (1,)  # cudaErrorInvalidValue
-        del self.memory[ptr]
-        return (0,)
+        return (0,) if self.memory.pop(ptr, None) is not None else (1,)
+
+    def cudaMallocHost(self, n):
+        buf = (ctypes.c_uint8 * n)()
+        self.pinned[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def cudaFreeHost(self, ptr):
+        return (0,) if self.pinned.pop(ptr, None) is not None else (1,)
 
     def cudaStreamCreate(self):
         handle = f"stream-{len(self.streams)}"
@@ -90,23 +104,28 @@ class FakeCudart(types.ModuleType):
         if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
             self.view(dst, n)[:] = np.frombuffer(ctypes.string_at(src, n), dtype=np.uint8)
         else:
+            pinned = any(a <= dst and dst + n <= a + ctypes.sizeof(b) for a, b in self.pinned.items())
+            self.pageable_copies += not pinned
             ctypes.memmove(dst, self.view(src, n).tobytes(), n)
         return (0,)
 
 
 def install_cudart(monkeypatch, cudart: FakeCudart) -> None:
     for name in ("cuda", "cuda.bindings"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        module = types.ModuleType(name)
+        module.__spec__ = ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", cudart)
 
 
 # -------------------------------------------------------------------------------- tensorrt
 
 
-def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors: list[str] | None = None):
-    """A fake `tensorrt` module sharing `cudart`'s device memory."""
+def make_tensorrt(cudart: FakeCudart, version="10.13.0.35", parser_errors=None, context_fails=False):
+    """A fake `tensorrt` module sharing `cudart`'s device memory. `context_fails`: engines return None
+    from create_execution_context, as TensorRT does without the device memory a context needs."""
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = version
+    trt.__spec__, trt.__version__ = ModuleSpec("tensorrt", None), version
     trt.built: list[dict] = []  # every config that reached build_serialized_network
 
     class ILogger:
@@ -116,30 +135,28 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
     class Logger(ILogger):
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
-        def __init__(self, severity=2):
-            self.severity = severity
-
     trt.ILogger, trt.Logger = ILogger, Logger
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
-    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
-    trt.HardwareCompatibilityLevel = types.SimpleNamespace(NONE="NONE", AMPERE_PLUS="AMPERE_PLUS")
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+    ns = types.SimpleNamespace
+    trt.NetworkDefinitionCreationFlag = ns(STRONGLY_TYPED=1)
+    trt.MemoryPoolType = ns(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = ns(TF32="TF32", VERSION_COMPATIBLE="VERSION_COMPATIBLE")
+    trt.HardwareCompatibilityLevel = ns(NONE="NONE", AMPERE_PLUS="AMPERE_PLUS")
+    trt.TensorIOMode = ns(INPUT="INPUT", OUTPUT="OUTPUT")
+    trt.ExecutionContextAllocationStrategy = ns(STATIC=0, ON_PROFILE_CHANGE=1, USER_MANAGED=2)
     trt.nptype = lambda dtype: dtype  # the fake engine's dtypes are numpy types already
 
     class Profile:
         def __init__(self):
             self.shapes = {}
 
-        def set_shape(self, name, lo, opt, hi):
+        def set_shape(self, name, lo, opt, hi):  # pyCore.cpp: RuntimeError when setDimensions fails
+            if not len(lo) == len(opt) == len(hi) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise RuntimeError("Shape provided for min is inconsistent with other shapes.")
             self.shapes[name] = [list(lo), list(opt), list(hi)]
 
-    class Cache:
-        def __init__(self, blob: bytes):
-            self.entries = json.loads(blob) if blob else []
-
-        def serialize(self):
-            return json.dumps(self.entries).encode()
+    def cache(blob: bytes):
+        entries = json.loads(blob) if blob else []
+        return ns(entries=entries, serialize=lambda: json.dumps(entries).encode())
 
     class Config:
         def __init__(self):
@@ -160,7 +177,7 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
             return len(self.profiles) - 1
 
         def create_timing_cache(self, blob):
-            return Cache(bytes(blob))
+            return cache(bytes(blob))
 
         def set_timing_cache(self, cache, ignore_mismatch):
             self.cache = cache
@@ -168,11 +185,6 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
 
         def get_timing_cache(self):
             return self.cache
-
-    class Network:
-        def __init__(self, flags):
-            assert flags == 1 << 1, f"expected only the STRONGLY_TYPED bit (1 << 1), got {flags}"
-            self.graph = None
 
     class Parser:
         def __init__(self, network, logger):
@@ -194,7 +206,8 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
             assert isinstance(logger, ILogger)
 
         def create_network(self, flags):
-            return Network(flags)
+            assert flags == 1 << 1, f"expected only the STRONGLY_TYPED bit (1 << 1), got {flags}"
+            return ns(graph=None)
 
         def create_builder_config(self):
             return Config()
@@ -204,32 +217,30 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
 
         def build_serialized_network(self, network, config):
             config.cache.entries.append(f"tactics for {Path(network.graph).name}")
-            trt.built.append(
-                {
-                    "flags": sorted(config.flags),
-                    "pool": config.pool,
-                    "hw": config.hardware_compatibility_level,
-                }
-            )
+            hw = config.hardware_compatibility_level
+            trt.built.append({"flags": sorted(config.flags), "pool": config.pool, "hw": hw})
             return json.dumps({"graph": network.graph, "profiles": config.profiles}).encode()
 
     class Runtime:
         def __init__(self, logger):
-            self.engine_host_code_allowed = False
+            self.logger, self.engine_host_code_allowed = logger, False
 
         def deserialize_cuda_engine(self, data):
             try:
                 plan = json.loads(bytes(data))
             except ValueError:
+                self.logger.log(Logger.ERROR, "Serialization assertion magicTagRead == kMAGIC_TAG failed")
                 return None
             return Engine(plan)
 
     class Engine:
+        device_memory_size_v2 = 1 << 16  # activations, the largest over the profiles
+
         def __init__(self, plan):
             import onnxruntime as ort
 
             self.session = ort.InferenceSession(plan["graph"], providers=["CPUExecutionProvider"])
-            self.profiles = plan["profiles"]
+            self.profiles, self.contexts = plan["profiles"], []
             self.inputs = {i.name: _np(i.type) for i in self.session.get_inputs()}
             self.outputs = {o.name: _np(o.type) for o in self.session.get_outputs()}
             self.names = [*self.inputs, *self.outputs]
@@ -250,13 +261,22 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
         def get_tensor_profile_shape(self, name, profile_index):
             return [tuple(s) for s in self.profiles[profile_index][name]]
 
-        def create_execution_context(self):
-            return Context(self)
+        def create_execution_context(self, strategy=0):
+            if context_fails:
+                return None
+            self.contexts.append(Context(self, strategy))
+            return self.contexts[-1]
 
     class Context:
-        def __init__(self, engine):
+        def __init__(self, engine, strategy):
             self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
-            self.profile_switches = 0
+            self.strategy, self.memory, self.profile_switches = strategy, None, 0
+
+        active_optimization_profile = property(lambda self: self.profile)
+
+        def set_device_memory(self, ptr, size):
+            assert size >= self.engine.device_memory_size_v2 and cudart.view(ptr, size) is not None
+            self.memory = (ptr, size)
 
         def set_optimization_profile_async(self, index, stream):
             assert stream in cudart.streams
@@ -278,17 +298,16 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
         def execute_async_v3(self, stream_handle):
             e = self.engine
             assert stream_handle in cudart.streams
+            assert self.strategy != 2 or self.memory, "user-managed context without activation memory"
             assert set(self.shapes) == set(e.inputs), f"shapes not set for {set(e.inputs) - set(self.shapes)}"
             assert set(self.addresses) == set(e.names), f"unbound: {set(e.names) - set(self.addresses)}"
             feeds, spans = {}, []
             for name, dtype in e.inputs.items():
                 n = int(np.prod(self.shapes[name])) * np.dtype(dtype).itemsize
-                feeds[name] = (
-                    cudart.view(self.addresses[name], n).view(dtype).reshape(self.shapes[name]).copy()
-                )
+                raw = cudart.view(self.addresses[name], n)
+                feeds[name] = raw.view(dtype).reshape(self.shapes[name]).copy()
                 spans.append((self.addresses[name], n, name))
-            results = e.session.run(list(e.outputs), feeds)
-            for name, value in zip(e.outputs, results):
+            for name, value in zip(e.outputs, e.session.run(list(e.outputs), feeds)):
                 value = np.ascontiguousarray(value, dtype=e.outputs[name])
                 start = self.addresses[name]
                 for a, n, other in spans:
@@ -298,12 +317,8 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.13.0.35", parser_errors
             return True
 
     def _np(onnx_type: str):
-        return {
-            "tensor(int64)": np.int64,
-            "tensor(float)": np.float32,
-            "tensor(float16)": np.float16,
-            "tensor(int32)": np.int32,
-        }[onnx_type]
+        kinds = {"int64": np.int64, "float": np.float32, "float16": np.float16, "int32": np.int32}
+        return kinds[onnx_type.removeprefix("tensor(").removesuffix(")")]
 
     trt.Builder, trt.OnnxParser, trt.Runtime = Builder, Parser, Runtime
     return trt

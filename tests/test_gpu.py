@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from gptdeploy import bundle as bundle_mod
-from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BundleError
 from gptdeploy.exporters.tensorrt import build_engine
+from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.ort import OrtRuntime
 from tests.factories import make_hf_gpt2_dir
 from tests.runtime_bundles import copy_bundle, left_padded, made, write_bundle
@@ -81,6 +82,8 @@ def test_fp32_engine_tokens_identical_to_ort_with_attention_parity(tmp_path):
     with OrtRuntime(b, b.graph("fp32"), threads=1) as ref, TensorRTRuntime(b, b.graph("fp32")) as rt:
         want, want_tokens = _greedy(ref, ids, mask, pos, 24, record=True)
         got, got_tokens = _greedy(rt, ids, mask, pos, 24, record=True)
+        # one context per profile, each still on its own after a generation (no per-step switching)
+        assert [c.active_optimization_profile for c in rt._contexts] == [0, 1]
     np.testing.assert_array_equal(got_tokens, want_tokens)
     for step, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_allclose(g.logits, w.logits, atol=FP32_LOGITS_ATOL, rtol=0, err_msg=f"step {step}")

@@ -4,8 +4,9 @@ TensorRT and cuda-python are replaced by tests/fake_tensorrt.py (strict about bo
 profile ranges and overlapping buffers; its "engine" runs the graph with onnxruntime), and
 `ort-cuda` runs its IOBinding logic on the CPU provider. What this checks: the manifest and
 files a build writes, the timing cache round trip, every parser error reported together, the
-KV ping-pong and profile switching step for step against the `ort` runtime, attention copies
-only on request, clear errors for foreign engines and limits, and that close() frees everything.
+KV ping-pong step for step against the `ort` runtime with one context per profile and pinned host
+copies, attention copies only on request, clear errors for foreign engines and limits, and that
+close() frees everything.
 What it cannot check: TensorRT's own numerics and kernels (tests/test_gpu.py does, on a GPU).
 """
 
@@ -103,8 +104,13 @@ def test_tensorrt_runtime_matches_ort_step_by_step(fake, bundle_dir, record):
         want = greedy_steps(ref, ids, mask, pos, 8, record)
         got = greedy_steps(rt, ids, mask, pos, 8, record)
         assert len(cudart.memory) == allocated  # nothing allocated per step
-        assert rt._context.profile_switches == 2  # prefill -> decode once, not every step
         again = greedy_steps(rt, ids[:1], mask[:1], pos[:1], 2, record)  # a new prefill with a smaller batch
+        # One context per profile, the decode one switched once at load; no switch per generation.
+        contexts = rt._engine.contexts
+        assert contexts == rt._contexts and [c.active_optimization_profile for c in contexts] == [0, 1]
+        assert [c.profile_switches for c in contexts] == [0, 1]
+        assert contexts[0].memory == contexts[1].memory  # one activation buffer for both
+        assert cudart.pageable_copies == 0 and cudart.pinned  # logits / attentions land in pinned memory
     for step, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_array_equal(g.logits, w.logits, err_msg=f"step {step}")
         assert (g.attentions is None) == (not record)
@@ -112,7 +118,8 @@ def test_tensorrt_runtime_matches_ort_step_by_step(fake, bundle_dir, record):
             for ga, wa in zip(g.attentions, w.attentions):
                 np.testing.assert_array_equal(ga, wa)
     np.testing.assert_array_equal(again[0].logits, want[0].logits[:1])
-    assert cudart.memory == {} and cudart.streams == set()  # close() freed every buffer and the stream
+    # close() freed every device and pinned buffer and the stream
+    assert cudart.memory == {} and cudart.pinned == {} and cudart.streams == set()
 
 
 def test_ort_cuda_binding_logic_matches_ort_on_the_cpu_provider():

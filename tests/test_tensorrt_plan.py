@@ -1,26 +1,18 @@
 """TensorRT planning without a GPU: optimization profiles and their equal-dimension constraints,
-engine names and manifest entries, the compatibility check on load, the precision plan and the
-operator check of real exported graphs, and the CLI's errors when TensorRT or a GPU is missing."""
+engine names and manifest entries, and the compatibility check on load. The static graph checks
+are in tests/test_gpu_paths_checks.py, the CLI's errors without TensorRT in test_gpu_paths_cli.py."""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
-import click
-import numpy as np
-import onnx
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 
 from gptdeploy import contract as io
 from gptdeploy import engines
-from gptdeploy.bundle import Bundle
 from gptdeploy.contract import GraphSignature
 from gptdeploy.engines import (
     compat_check,
@@ -30,13 +22,8 @@ from gptdeploy.engines import (
     trt_release,
 )
 from gptdeploy.errors import BundleError, ExportError
-from gptdeploy.exporters.tensorrt.checks import check_trt_operators, precision_plan
-from gptdeploy.exporters.tensorrt.operators import OPERATORS
 from gptdeploy.profiles import PHASES, buffer_shapes, check_limits, check_profiles, profile_shapes
-from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
-from tests.runtime_bundles import copy_bundle, made
 
-REFERENCE = Path("/work/shared/reference/tensorrt-onnx-operators.md")
 SIGS = [
     GraphSignature(n_layer=2, n_head=2, kv_heads=2, head_dim=16, vocab_size=297),
     GraphSignature(n_layer=3, n_head=8, kv_heads=2, head_dim=8, vocab_size=320, kv_dtype="float16"),  # GQA
@@ -244,265 +231,3 @@ def test_select_engine_picks_the_one_that_runs_here():
         select_engine([h100, a10], "fp32", "9.0", "10.13.0", "b")
     with pytest.raises(BundleError, match=r"no engine in the bundle runs here: .*9\.0.*\| .*8\.6"):
         select_engine([h100, a10], "fp16", "7.5", "10.13.0")
-
-
-# ---------------------------------------------------------- precision plan, operator check
-
-
-@pytest.fixture(scope="module")
-def graph() -> Path:
-    b = Bundle.load(made("small").bundle)
-    return b.file(b.graph().file)
-
-
-def test_precision_plan_of_an_exported_fp32_graph(graph):
-    plan = precision_plan(graph)
-    assert plan.ok and plan.precision == "fp32"
-    assert set(plan.weights) == {"float32"}
-    assert plan.io[io.LOGITS] == "float32" and plan.io[io.past_key(0)] == "float32"
-    assert plan.kept_fp32["LayerNormalization"] == 2 * 2 + 1 and plan.kept_fp32["Softmax"] == 2
-    assert plan.kept_fp32["logits"] == 1 and plan.kept_fp32["attentions"] == 2
-    assert plan.ops["MatMul"] == {"float32": plan.ops["MatMul"]["float32"]}
-    json.dumps(plan.to_dict())
-
-
-def _fp16_graph(path: Path, *, ln_fp32: bool, softmax_fp32: bool, logits_fp32: bool) -> Path:
-    """x (fp16) -> LayerNorm -> MatMul (fp16 weight) -> Softmax -> logits; Casts where the rules ask."""
-    F16, F32 = TensorProto.FLOAT16, TensorProto.FLOAT
-    nodes, inits = (
-        [],
-        [
-            helper.make_tensor("w", F16, [4, 4], np.eye(4, dtype=np.float16).ravel().tolist()),
-            helper.make_tensor("g", F32 if ln_fp32 else F16, [4], [1.0] * 4),
-            helper.make_tensor("b", F32 if ln_fp32 else F16, [4], [0.0] * 4),
-        ],
-    )
-    x = "x"
-    if ln_fp32:
-        nodes.append(helper.make_node("Cast", ["x"], ["x32"], to=F32))
-        x = "x32"
-    nodes.append(helper.make_node("LayerNormalization", [x, "g", "b"], ["ln"], name="ln_f"))
-    ln = "ln"
-    if ln_fp32:
-        nodes.append(helper.make_node("Cast", ["ln"], ["ln16"], to=F16))
-        ln = "ln16"
-    nodes.append(helper.make_node("MatMul", [ln, "w"], ["h"], name="lm_head"))
-    h = "h"
-    if softmax_fp32:
-        nodes.append(helper.make_node("Cast", ["h"], ["h32"], to=F32))
-        h = "h32"
-    nodes.append(helper.make_node("Softmax", [h], ["p"], axis=-1, name="probs"))
-    p_type = F32 if softmax_fp32 else F16
-    out = "p"
-    if logits_fp32 and not softmax_fp32:
-        nodes.append(helper.make_node("Cast", ["p"], [io.LOGITS], to=F32))
-        out, p_type = io.LOGITS, F32
-    elif not logits_fp32 and softmax_fp32:
-        nodes.append(helper.make_node("Cast", ["p"], [io.LOGITS], to=F16))
-        out, p_type = io.LOGITS, F16
-    else:
-        nodes.append(helper.make_node("Identity", [out], [io.LOGITS]))
-    g = helper.make_graph(
-        nodes,
-        "fp16",
-        [helper.make_tensor_value_info("x", F16, [1, 4])],
-        [helper.make_tensor_value_info(io.LOGITS, p_type, [1, 4])],
-        inits,
-    )
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def test_precision_plan_of_fp16_graphs_checks_the_fp32_rules(tmp_path):
-    good = precision_plan(
-        _fp16_graph(tmp_path / "good.onnx", ln_fp32=True, softmax_fp32=True, logits_fp32=True)
-    )
-    assert good.ok, good.problems
-    assert good.precision == "fp16" and good.ops["MatMul"] == {"float16": 1}
-    assert good.kept_fp32 == {"LayerNormalization": 1, "Softmax": 1, "logits": 1}
-    assert good.weights == {"float16": 32, "float32": 32}
-    bad = precision_plan(
-        _fp16_graph(tmp_path / "bad.onnx", ln_fp32=False, softmax_fp32=False, logits_fp32=False)
-    )
-    text = " | ".join(bad.problems)
-    assert "LayerNormalization ln_f computes in float16" in text
-    assert "Softmax probs computes in float16" in text
-    assert f"output {io.LOGITS} is float16; it must be float32" in text
-    assert len(bad.problems) == 3
-
-
-def test_precision_plan_and_operator_check_of_an_exported_fp16_graph(tmp_path):
-    import torch
-
-    from gptdeploy import modeling
-    from gptdeploy.config import GPTConfig
-    from gptdeploy.exporters.onnx import export_onnx
-
-    if not hasattr(modeling, "to_fp16"):
-        pytest.skip("gptdeploy.modeling.to_fp16 (the fp16 graph export) is not in this tree yet")
-    torch.manual_seed(0)
-    model = modeling.to_fp16(
-        modeling.GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32))
-    )
-    sig, _ = export_onnx(model.eval(), tmp_path / "fp16.onnx")
-    plan = precision_plan(tmp_path / "fp16.onnx")
-    assert plan.ok, plan.problems
-    assert (
-        plan.precision == "fp16" and plan.io[io.past_key(0)] == "float16" and plan.io[io.LOGITS] == "float32"
-    )
-    assert set(plan.ops["MatMul"]) == {"float16"}  # weights and attention products
-    assert plan.kept_fp32 == {"LayerNormalization": 5, "Softmax": 2, "logits": 1, "attentions": 2}
-    assert check_trt_operators(tmp_path / "fp16.onnx") == []
-
-
-def test_exported_graph_passes_the_operator_check(graph):
-    assert check_trt_operators(graph) == []
-
-
-def _graph_with(nodes, inputs, outputs, opset=17, extra_opsets=()) -> onnx.ModelProto:
-    g = helper.make_graph(nodes, "g", inputs, outputs)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
-
-
-def test_operator_check_finds_contrib_ops_unsupported_ops_and_types(tmp_path):
-    F = TensorProto.FLOAT
-    vi = helper.make_tensor_value_info
-    contrib = _graph_with(
-        [
-            helper.make_node(
-                "SkipLayerNormalization", ["x", "x", "g", "b"], ["y"], domain="com.microsoft", name="sln"
-            ),
-            helper.make_node("Unique", ["y"], ["u"], name="uniq"),
-            helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT64),
-            helper.make_node("Softmax", ["xi"], ["s"], name="int_softmax"),
-            helper.make_node("LayerNormalization", ["x", "g", "b"], ["ln", "mean"], name="ln_stats"),
-        ],
-        [vi("x", F, [2, 4]), vi("g", F, [4]), vi("b", F, [4])],
-        [vi("u", F, None), vi("s", TensorProto.INT64, [2, 4]), vi("ln", F, [2, 4]), vi("mean", F, None)],
-        extra_opsets=[helper.make_opsetid("com.microsoft", 1)],
-    )
-    onnx.save(contrib, str(tmp_path / "c.onnx"))
-    problems = check_trt_operators(tmp_path / "c.onnx")
-    text = " | ".join(problems)
-    assert "com.microsoft.SkipLayerNormalization is not a standard ONNX op" in text and "first sln" in text
-    assert "Unique is not supported by TensorRT's ONNX parser" in text
-    assert "Softmax on INT64; TensorRT's parser takes FP32, FP16, BF16" in text
-    assert "LayerNormalization with Mean/InvStdDev outputs" in text
-    assert len(problems) == 4
-    new_opset = _graph_with(
-        [helper.make_node("Relu", ["x"], ["y"])], [vi("x", F, [1])], [vi("y", F, [1])], opset=25
-    )
-    onnx.save(new_opset, str(tmp_path / "o.onnx"))
-    assert check_trt_operators(tmp_path / "o.onnx") == ["opset 25 is outside TensorRT 10.15's range 9..24"]
-
-
-def test_repeated_findings_are_grouped_with_their_count(tmp_path):
-    F = TensorProto.FLOAT
-    vi = helper.make_tensor_value_info
-    nodes = [
-        helper.make_node("MatMulNBits", ["x"], [f"y{i}"], domain="com.microsoft", name=f"q{i}")
-        for i in range(3)
-    ]
-    m = _graph_with(
-        nodes,
-        [vi("x", F, [1])],
-        [vi(f"y{i}", F, None) for i in range(3)],
-        extra_opsets=[helper.make_opsetid("com.microsoft", 1)],
-    )
-    onnx.save(m, str(tmp_path / "m.onnx"))
-    (problem,) = check_trt_operators(tmp_path / "m.onnx")
-    assert problem.endswith("(3 nodes, first q0)")
-
-
-@pytest.mark.skipif(not REFERENCE.is_file(), reason=f"{REFERENCE} is not on this machine")
-def test_operator_table_matches_the_reference_document():
-    want = {}
-    for line in REFERENCE.read_text(encoding="utf-8").splitlines():
-        if not line.startswith("| ") or line.startswith(("| Operator", "|---")):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        names = re.sub(r"\*\*\(.*?\)\*\*", "", cells[0])
-        types = tuple(t.strip() for t in cells[2].split(",") if t.strip())
-        for name in (n.strip() for n in names.split("/")):
-            want[name] = (cells[1].startswith("Y"), types, cells[3])
-    have = {name: (s.supported, s.types, s.restrictions) for name, s in OPERATORS.items()}
-    assert have == want
-
-
-# ------------------------------------------------------------------------ the CLI's errors
-
-
-@pytest.fixture
-def cli_group():
-    """The lead's group when it registers the commands; otherwise the same error mapping around them."""
-    from gptdeploy import cli as cli_mod
-    from gptdeploy.cli.engine import build_engine, doctor
-
-    if "build-engine" in cli_mod.cli.commands:
-        return cli_mod.cli
-    return cli_mod._Group(commands={"build-engine": build_engine, "doctor": doctor})
-
-
-@pytest.fixture
-def bundle_copy(tmp_path) -> Path:
-    return copy_bundle(made("small").bundle, tmp_path / "b")
-
-
-def _one_line_error(result, pattern):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert re.search(pattern, lines[0]), lines[0]
-
-
-def test_build_engine_without_tensorrt_names_it_and_the_install_command(cli_group, bundle_copy, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
-    result = CliRunner().invoke(cli_group, ["build-engine", str(bundle_copy)])
-    _one_line_error(result, r"TensorRT is not installed .*pip install 'gptdeploy\[tensorrt\]'")
-    assert not (bundle_copy / "engines").exists()
-
-
-def test_build_engine_without_cuda_python_or_without_a_gpu(cli_group, bundle_copy, monkeypatch):
-    cudart = FakeCudart(devices=0)
-    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(cudart))
-    for name in ("cuda", "cuda.bindings.runtime", "cuda.cudart"):
-        monkeypatch.setitem(sys.modules, name, None)
-    result = CliRunner().invoke(cli_group, ["build-engine", str(bundle_copy)])
-    _one_line_error(result, r"cuda-python is not installed .*pip install 'gptdeploy\[tensorrt\]'")
-    install_cudart(monkeypatch, cudart)
-    result = CliRunner().invoke(cli_group, ["build-engine", str(bundle_copy)])
-    _one_line_error(result, r"no NVIDIA GPU is visible to CUDA")
-
-
-@pytest.mark.parametrize(
-    "args, pattern",
-    [
-        (["--max-context", "1"], r"Invalid value for '?--max-context'?: 1 is below 2"),
-        (["--max-context", "129"], r"max context 129 exceeds the model's 128 positions"),
-        (["--max-batch", "0"], r"Invalid value for '?--max-batch'?"),
-        (["--workspace-gb", "0"], r"Invalid value for '?--workspace-gb'?"),
-        (["--graph", "fp16"], r"bundle has no graph 'fp16'; it has fp32"),
-    ],
-)
-def test_build_engine_rejects_bad_limits_before_looking_for_tensorrt(
-    cli_group, bundle_copy, monkeypatch, args, pattern
-):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    result = CliRunner().invoke(cli_group, ["build-engine", str(bundle_copy), *args])
-    assert result.exit_code == 2, result.output
-    assert re.search(pattern, result.output), result.output
-    assert "TensorRT is not installed" not in result.output
-
-
-def test_build_engine_on_a_missing_bundle_is_one_line(cli_group, tmp_path):
-    result = CliRunner().invoke(cli_group, ["build-engine", str(tmp_path / "nope")])
-    _one_line_error(result, r"bundle .*nope does not exist")
-
-
-def test_commands_are_click_commands_with_their_names():
-    from gptdeploy.cli.engine import build_engine, doctor
-
-    assert isinstance(build_engine, click.Command) and build_engine.name == "build-engine"
-    assert isinstance(doctor, click.Command) and doctor.name == "doctor"

@@ -7,6 +7,8 @@
 
 Engine names, manifest entries, the compatibility check and the optimization profiles are
 part of the bundle contract, read by the runtime too: gptdeploy/engines.py, gptdeploy/profiles.py.
+The TensorRT import check and logger live on the run side (runtimes/trt.py): exporters may import
+runtimes, never the reverse. The fp16 rules themselves are exporters/fp16.py's, shared with export.
 """
 
 from gptdeploy.exporters.tensorrt.build import build_engine

@@ -1,9 +1,9 @@
 """Bundle -> TensorRT engine under `engines/`, recorded in the manifest.
 
-The pure parts live in `trt_profiles` (optimization profiles from the contract) and
-`trt_engines` (engine names, manifest entries, the compatibility check): they import only the
-standard library and gptdeploy core, so the `tensorrt` runtime uses them on the run path, and
-they are re-exported here. `build_engine` imports TensorRT and cuda-python when called.
+The pure parts of the engine contract live in gptdeploy/profiles.py (optimization profiles) and
+gptdeploy/engines.py (names, manifest entries, the compatibility check), which the `tensorrt`
+runtime reads too; the static graph checks in checks.py. `build_engine` imports TensorRT and
+cuda-python only when called.
 """
 
 from __future__ import annotations
@@ -17,49 +17,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gptdeploy.bundle import MANIFEST, Bundle, GraphEntry, sha256_file
-from gptdeploy.engines import (  # noqa: F401 - re-exported
+from gptdeploy.bundle import Bundle
+from gptdeploy.engines import (
     AMPERE,
     ENGINE_DIR,
-    ENTRY_FIELDS,
-    compat_check,
     engine_filename,
     engine_manifest_entry,
-    rebuild_command,
-    select_engine,
     timing_cache_filename,
-    trt_release,
 )
 from gptdeploy.errors import ExportError
-from gptdeploy.profiles import (
-    PHASES,
-    buffer_shapes,
-    check_limits,
-    check_profiles,
-    profile_shapes,
-)
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST, GraphEntry
+from gptdeploy.profiles import check_limits, check_profiles, profile_shapes
 
 log = logging.getLogger(__name__)
-
-
-# -------------------------------------------------------------------------- static graph checks
-
-
-def precision_plan(onnx_path):
-    """See graph_checks.precision_plan (needs the `onnx` package)."""
-    from gptdeploy.exporters.tensorrt.checks import precision_plan as plan
-
-    return plan(onnx_path)
-
-
-def check_trt_operators(onnx_path) -> list[str]:
-    """See graph_checks.check_trt_operators (needs the `onnx` package)."""
-    from gptdeploy.exporters.tensorrt.checks import check_trt_operators as check
-
-    return check(onnx_path)
-
-
-# --------------------------------------------------------------------------------- the build
 
 
 def choose_graph(bundle: Bundle, name: str | None) -> GraphEntry:
@@ -93,39 +64,25 @@ def build_engine(
     check_limits(max_batch, max_context, bundle.manifest.max_context)
     if not workspace_gb > 0:
         raise ExportError(f"workspace must be a positive number of GiB, got {workspace_gb!r}")
-    profiles = profile_shapes(entry_graph.signature, max_batch, max_context, opt_batch, opt_context)
-    problems = check_profiles(entry_graph.signature, profiles, max_context)
-    if problems:  # profile_shapes builds them right; this guards the contract against drift
-        raise ExportError("optimization profiles are inconsistent: " + "; ".join(problems))
+    profiles = _checked_profiles(entry_graph, max_batch, max_context, opt_batch, opt_context)
     graph_path = bundle.file(entry_graph.file)
     plan = _static_checks(graph_path, entry_graph)
 
-    trt, cudart, device = tensorrt_build.require_tensorrt()
+    trt, _, device = tensorrt_build.require_tensorrt()
+    _check_hardware_compat(device, hardware_compat)
     started = time.perf_counter()
     name = engine_filename(device.compute_capability, trt.__version__, entry_graph.precision, hardware_compat)
-    engine_rel, cache_rel = (
-        f"{ENGINE_DIR}/{name}",
-        timing_cache_filename(device.compute_capability, trt.__version__),
-    )
+    engine_rel = f"{ENGINE_DIR}/{name}"
+    cache_rel = timing_cache_filename(device.compute_capability, trt.__version__)
     workspace = int(workspace_gb * (1 << 30))
     result = tensorrt_build.build(
-        trt,
-        graph_path,
-        profiles,
-        workspace_bytes=workspace,
-        hardware_compat=hardware_compat,
-        version_compat=version_compat,
-        timing_cache=bundle.path / cache_rel,
+        trt, graph_path, profiles, workspace_bytes=workspace, hardware_compat=hardware_compat,
+        version_compat=version_compat, timing_cache=bundle.path / cache_rel,
     )
-    engine_path = bundle.path / engine_rel
-    try:
-        _write_atomic(engine_path, result.plan)
-        _write_atomic(bundle.path / cache_rel, result.timing_cache)
-    except OSError as exc:
-        raise ExportError(f"cannot write {engine_rel} into {bundle.path}: {exc.strerror or exc}") from None
+    _write_files(bundle, {engine_rel: result.plan, cache_rel: result.timing_cache})
     entry = engine_manifest_entry(
         file=engine_rel,
-        sha256=sha256_file(engine_path),
+        sha256=sha256_file(bundle.path / engine_rel),
         graph=entry_graph.name,
         precision=entry_graph.precision,
         compute_capability=device.compute_capability,
@@ -150,23 +107,55 @@ def build_engine(
     return entry
 
 
+def _checked_profiles(entry_graph: GraphEntry, max_batch, max_context, opt_batch, opt_context) -> dict:
+    """The prefill and decode profiles for these limits, checked against the graph's contract."""
+    profiles = profile_shapes(entry_graph.signature, max_batch, max_context, opt_batch, opt_context)
+    problems = check_profiles(entry_graph.signature, profiles, max_context)
+    if problems:  # profile_shapes builds them right; this guards the contract against drift
+        raise ExportError("optimization profiles are inconsistent: " + "; ".join(problems))
+    return profiles
+
+
+def _check_hardware_compat(device, hardware_compat: bool) -> None:
+    """Before the build: AMPERE_PLUS "is only supported for engines built on NVIDIA Ampere and later
+    GPUs" (NvInfer.h, HardwareCompatibilityLevel::kAMPERE_PLUS), which TensorRT says only mid-build."""
+    major, _, minor = device.compute_capability.partition(".")
+    if hardware_compat and (int(major), int(minor or 0)) < AMPERE:
+        raise ExportError(
+            f"--hardware-compat builds an Ampere-and-newer engine, which TensorRT builds only on an "
+            f"Ampere or newer GPU (compute capability >= 8.0); this GPU ({device.name}) is "
+            f"{device.compute_capability}. Build without --hardware-compat, or on an Ampere+ GPU"
+        )
+
+
 def _static_checks(graph_path: Path, entry_graph: GraphEntry) -> dict:
-    """Operator table and fp16 rules, before a long build; skipped (with a warning) without `onnx`,
-    in which case TensorRT's parser still reports every error itself."""
+    """Operator table and the precision rules of the graph's precision, before a long build; skipped
+    (with a warning) without `onnx`, in which case TensorRT's parser still reports every error itself."""
     try:
         import onnx  # noqa: F401 - the `tensorrt` extra does not require it
     except ImportError:
         log.warning("onnx is not installed: skipping the static operator and precision checks")
         return {}
+    from gptdeploy.exporters.tensorrt.checks import check_trt_operators, precision_plan
+
     problems = check_trt_operators(graph_path)
     if problems:
         raise ExportError(
             f"graph {entry_graph.file!r} uses what TensorRT cannot parse: " + "; ".join(problems)
         )
-    plan = precision_plan(graph_path)
+    plan = precision_plan(graph_path, entry_graph.precision)
     if plan.problems:
         raise ExportError(f"graph {entry_graph.file!r} breaks the fp16 rules: " + "; ".join(plan.problems))
     return {"precision": plan.precision, "kept_fp32": plan.kept_fp32, "weights": plan.weights}
+
+
+def _write_files(bundle: Bundle, files: dict[str, bytes]) -> None:
+    """Each file atomically under the bundle; ExportError naming the one that could not be written."""
+    for rel, data in files.items():
+        try:
+            _write_atomic(bundle.path / rel, data)
+        except OSError as exc:
+            raise ExportError(f"cannot write {rel} into {bundle.path}: {exc.strerror or exc}") from None
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -195,22 +184,4 @@ def record_engine(bundle: Bundle, entry: dict) -> None:
     bundle.manifest, bundle.manifest_sha256 = updated, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-__all__ = [
-    "PHASES",
-    "buffer_shapes",
-    "build_engine",
-    "check_limits",
-    "check_profiles",
-    "check_trt_operators",
-    "choose_graph",
-    "compat_check",
-    "engine_filename",
-    "engine_manifest_entry",
-    "precision_plan",
-    "profile_shapes",
-    "rebuild_command",
-    "record_engine",
-    "select_engine",
-    "timing_cache_filename",
-    "trt_release",
-]
+__all__ = ["build_engine", "choose_graph", "record_engine"]

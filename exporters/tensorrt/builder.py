@@ -9,31 +9,16 @@ graph) and `backend/trt/config.py` (memory pool limit, timing cache, VERSION_COM
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptdeploy.errors import BackendUnavailable, ExportError
+from gptdeploy.errors import ExportError
+from gptdeploy.profiles import PHASES
 from gptdeploy.runtimes import cuda
+from gptdeploy.runtimes.trt import import_tensorrt, make_logger
 
 log = logging.getLogger(__name__)
-
-INSTALL = "pip install 'gptdeploy[tensorrt]'"
-
-
-def import_tensorrt():
-    """The `tensorrt` module, or BackendUnavailable naming what is missing and how to get it."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError as exc:  # also libnvinfer missing behind an installed wheel
-        raise BackendUnavailable(
-            f"TensorRT is not installed ({exc}); {INSTALL} on a machine with an NVIDIA GPU"
-        ) from None
-    version = str(getattr(trt, "__version__", "0"))
-    if int(version.split(".")[0] or 0) < 10:
-        raise BackendUnavailable(f"TensorRT {version} is too old (gptdeploy needs 10 or later); {INSTALL}")
-    return trt
 
 
 def require_tensorrt():
@@ -42,27 +27,6 @@ def require_tensorrt():
     cudart = cuda.load_cudart()
     device = cuda.require_gpu(cudart)
     return trt, cudart, device
-
-
-def make_logger(trt):
-    """A TensorRT logger that forwards to `logging` and keeps the errors, so a failed build can say
-    why in one line (subclassing trt.ILogger as Polygraphy's `backend/trt/util.py` CustomTrtLogger does)."""
-
-    class Collecting(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.Logger.INTERNAL_ERROR, trt.Logger.ERROR):
-                self.errors.append(str(msg))
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.Logger.WARNING:
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
-
-    return Collecting()
 
 
 @dataclass
@@ -83,22 +47,9 @@ def build(
     timing_cache: Path,
 ) -> BuildResult:
     """Parse `graph_path` into a strongly typed network and build a serialized engine."""
-    from gptdeploy.profiles import PHASES
-
     logger = make_logger(trt)
     builder = trt.Builder(logger)
-    # Strongly typed: every tensor keeps the dtype the ONNX graph gives it, so an fp16 graph (fp16
-    # weights and KV, fp32 LayerNorm / Softmax / logits) builds exactly that mix. TensorRT 10.12
-    # deprecated the weak-typing BuilderFlag.FP16; precision lives in the graph.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(graph_path))  # a path, so model.onnx.data is found beside it
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]  # every error, not the first
-    if not parsed or errors:
-        raise ExportError(
-            f"TensorRT's ONNX parser rejected {graph_path.name} ({len(errors)} error(s)): "
-            + " | ".join(errors or ["no parser error recorded; see the TensorRT log"])
-        )
+    network = _parse(trt, builder, logger, graph_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     flags = ["STRONGLY_TYPED"]
@@ -112,22 +63,50 @@ def build(
     if hardware_compat:
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
         flags.append("AMPERE_PLUS")
-    for index, phase in enumerate(PHASES):
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profiles[phase].items():
-            profile.set_shape(name, lo, opt, hi)
-        added = config.add_optimization_profile(profile)
-        if added != index:
-            raise ExportError(f"TensorRT refused the {phase} optimization profile: {profiles[phase]}")
+    _add_profiles(builder, config, profiles)
     cache = _timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(
-            "TensorRT could not build the engine: "
-            + (" | ".join(logger.errors[-3:]) or "see the TensorRT log")
-            + ". A larger --workspace-gb or smaller limits may help"
+            f"TensorRT could not build the engine: {logger.last()}. "
+            "A larger --workspace-gb or smaller limits may help"
         )
     return BuildResult(plan=bytes(plan), timing_cache=bytes(cache.serialize()), flags=flags)
+
+
+def _parse(trt, builder, logger, graph_path: Path):
+    """The graph as a strongly typed network; ExportError with every parser error."""
+    # Strongly typed: every tensor keeps the dtype the ONNX graph gives it, so an fp16 graph (fp16
+    # weights and KV, fp32 LayerNorm / Softmax / logits) builds exactly that mix. TensorRT 10.12
+    # deprecated the weak-typing BuilderFlag.FP16; precision lives in the graph.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    parsed = parser.parse_from_file(str(graph_path))  # a path, so model.onnx.data is found beside it
+    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]  # every error, not the first
+    if not parsed or errors:
+        raise ExportError(
+            f"TensorRT's ONNX parser rejected {graph_path.name} ({len(errors)} error(s)): "
+            + " | ".join(errors or ["no parser error recorded; see the TensorRT log"])
+        )
+    return network
+
+
+def _add_profiles(builder, config, profiles: dict) -> None:
+    """One optimization profile per phase, profile i = PHASES[i]; ExportError naming the tensor whose
+    shapes TensorRT refuses (pyCore.cpp's set_shape raises RuntimeError when setDimensions fails)."""
+    for index, phase in enumerate(PHASES):
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profiles[phase].items():
+            try:
+                profile.set_shape(name, lo, opt, hi)
+            except RuntimeError as exc:
+                raise ExportError(
+                    f"TensorRT refused the {phase} profile shapes of {name} "
+                    f"(min {tuple(lo)}, opt {tuple(opt)}, max {tuple(hi)}): {exc}"
+                ) from None
+        added = config.add_optimization_profile(profile)
+        if added != index:
+            raise ExportError(f"TensorRT refused the {phase} optimization profile: {profiles[phase]}")
 
 
 def _timing_cache(config, path: Path):

@@ -1,8 +1,8 @@
 """Static checks of an exported graph for TensorRT, without a GPU: which ops compute in which
 precision (and whether the fp16 rules hold), and whether TensorRT's ONNX parser knows every op.
 
-Types come from ONNX shape inference on the graph loaded without its external weights (the
-initializers keep their dtype and dims), so a 2 GB+ graph is checked in a few MB of memory.
+Types come from `typed_graph` and the rules from `check_precision` (exporters/fp16.py), the ones
+export and verify apply, on the graph loaded without its external weights.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-from gptdeploy import contract as io
+from gptdeploy.exporters.fp16 import STANDARD_DOMAINS, TypedGraph, check_precision, typed_graph
 from gptdeploy.exporters.tensorrt.operators import OPERATORS, OPSET_MAX, OPSET_MIN, TRT_VERSION
 
 FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -34,9 +34,6 @@ TRT_TYPE = {
     "FLOAT8E4M3FN": "FP8",
     "FLOAT8E5M2": "FP8",
 }
-# The fp16 rules (DESIGN.md, TensorRT section): these stay fp32 in an fp16 graph.
-FP32_OPS = ("LayerNormalization", "Softmax")
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -67,83 +64,47 @@ class PrecisionPlan:
         }
 
 
-def _load_typed(path: Path) -> tuple[onnx.ModelProto, dict[str, int]]:
-    model = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return inferred, types
-
-
-def _np(elem_type: int) -> str:
-    return helper.tensor_dtype_to_np_dtype(elem_type).name if elem_type else "unknown"
-
-
-def _compute_type(node: onnx.NodeProto, types: dict[str, int]) -> int:
+def _compute_type(node: onnx.NodeProto, tg: TypedGraph) -> str | None:
     """The float type a node computes in: its first float input, else its first float output."""
     for name in [*node.input, *node.output]:
-        if types.get(name) in FLOATS:
-            return types[name]
-    return 0
+        if tg.types.get(name) in FLOATS:
+            return tg.dtype(name)
+    return None
 
 
-def precision_plan(onnx_path: str | Path) -> PrecisionPlan:
-    """Read the graph's dtypes and check the fp16 rules: LayerNorm, Softmax and the logits (and the
-    audit graph's attention outputs) in fp32; past and present KV of one dtype."""
+def precision_plan(onnx_path: str | Path, precision: str | None = None) -> PrecisionPlan:
+    """What the graph computes in which precision, and every fp16 rule it breaks (`check_precision`;
+    `precision` "fp16" adds the rules of a graph declared fp16)."""
     path = Path(onnx_path)
-    model, types = _load_typed(path)
-    g = model.graph
-    io_types = {v.name: _np(v.type.tensor_type.elem_type) for v in [*g.input, *g.output]}
+    tg = typed_graph(path)
     weights: Counter = Counter()
-    for t in g.initializer:
+    for t in tg.graph.initializer:
         n = 1
         for d in t.dims:
             n *= d
-        weights[_np(t.data_type)] += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        weights[tg.dtype(t.name)] += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     ops: dict[str, Counter] = defaultdict(Counter)
-    kept: Counter = Counter()
-    problems: list[str] = []
-    for node in g.node:
-        ctype = _compute_type(node, types)
+    for node in tg.graph.node:
+        ctype = _compute_type(node, tg)
         if ctype:
-            ops[node.op_type][_np(ctype)] += 1
-        if node.op_type in FP32_OPS:
-            wrong = [n for n in [node.input[0], node.output[0]] if types.get(n) != TensorProto.FLOAT]
-            if wrong:
-                problems.append(
-                    f"{node.op_type} {node.name or node.output[0]} computes in "
-                    f"{_np(types.get(wrong[0], 0))}; the fp16 rules keep it in float32"
-                )
-            else:
-                kept[node.op_type] += 1
-    outputs = {v.name for v in g.output}
-    rule_outputs = [io.LOGITS] + [io.attention(i) for i in range(len(outputs)) if io.attention(i) in outputs]
-    for name in rule_outputs:
-        if name in io_types and io_types[name] != "float32":
-            problems.append(f"output {name} is {io_types[name]}; it must be float32")
-        elif name in io_types:
-            kept["logits" if name == io.LOGITS else "attentions"] += 1
-    for i in range(len(g.input)):
-        for past, present in ((io.past_key(i), io.present_key(i)), (io.past_value(i), io.present_value(i))):
-            if past in io_types and present in io_types and io_types[past] != io_types[present]:
-                problems.append(f"{past} is {io_types[past]} but {present} is {io_types[present]}")
+            ops[node.op_type][ctype] += 1
     compute = Counter()
     for per_type in ops.values():
         compute.update(per_type)
-    precision = (
+    summary = (
         "fp16"
         if compute.get("float16")
         else ("fp32" if compute.get("float32") else (compute.most_common(1)[0][0] if compute else "none"))
     )
+    check = check_precision(tg, precision)
     return PrecisionPlan(
         graph=path.name,
-        precision=precision,
-        io=io_types,
+        precision=summary,
+        io=tg.io_types(),
         weights=dict(weights),
         ops={k: dict(v) for k, v in sorted(ops.items())},
-        kept_fp32=dict(kept),
-        problems=problems,
+        kept_fp32=check.kept_fp32,
+        problems=check.problems,
     )
 
 
@@ -161,7 +122,7 @@ def _checked_tensors(node: onnx.NodeProto) -> list[str]:
 def _node_problems(node: onnx.NodeProto, types: dict[str, int]) -> list[tuple[str, str]]:
     """(kind, message) for one node; kind groups identical findings across nodes."""
     op = node.op_type
-    if node.domain not in DEFAULT_DOMAINS:
+    if node.domain not in STANDARD_DOMAINS:
         return [
             (
                 f"{node.domain}.{op}",
@@ -220,10 +181,11 @@ def check_trt_operators(onnx_path: str | Path) -> list[str]:
     """Every reason TensorRT's ONNX parser would reject the graph, found statically: ops outside the
     operator table, contrib-domain ops, unsupported tensor types, opsets outside the parser's range.
     Identical findings are grouped with their node count and first node. Empty: nothing found."""
-    model, types = _load_typed(Path(onnx_path))
+    tg = typed_graph(Path(onnx_path))
+    model, types = tg.model, tg.types
     problems = []
     for imp in model.opset_import:
-        if imp.domain in DEFAULT_DOMAINS and not OPSET_MIN <= imp.version <= OPSET_MAX:
+        if imp.domain in STANDARD_DOMAINS and not OPSET_MIN <= imp.version <= OPSET_MAX:
             problems.append(
                 f"opset {imp.version} is outside TensorRT {TRT_VERSION}'s range {OPSET_MIN}..{OPSET_MAX}"
             )
