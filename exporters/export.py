@@ -9,21 +9,21 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from gptdeploy import bundle as bundle_mod
-from gptdeploy.bundle import Bundle, GraphEntry, Manifest, TokenizerEntry
+from gptdeploy import machine
+from gptdeploy.bundle import Bundle, write_manifest
 from gptdeploy.errors import ExportError
 from gptdeploy.exporters.agreement import AgreementReport
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import GraphEntry, Manifest, TokenizerEntry
 from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,7 @@ class ExportResult:
 
 
 def tool_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("gptdeploy", "torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return machine.versions(("gptdeploy", "torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy"))
 
 
 def parity_prompts(tokenizer_json: str, vocab_limit: int, block_size: int) -> list[list[int]]:
@@ -186,6 +180,7 @@ def export_bundle(
 
 def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_text, stage):
     from gptdeploy.exporters.variants import build_graph
+    from gptdeploy.exporters.weights_map import graph_weights
 
     cfg, tok = source.config, source.tokenizer
     built = build_graph(source, options, tmp / GRAPH_FILE, external_data=external_data, eval_text=eval_text, stage=stage)
@@ -193,18 +188,19 @@ def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_
 
     stage("writing manifest")
     name = options.precision
+    weights = graph_weights(cfg, source.state, options.precision, tmp / GRAPH_FILE)  # for the torch runtime
     files = [GRAPH_FILE, TOKENIZER_FILE] + ([built.data_file] if built.data_file else [])
     manifest = Manifest(
         config=cfg,
-        graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file)},
+        graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file, weights)},
         tokenizer=TokenizerEntry(TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id),
-        files={f: bundle_mod.sha256_file(tmp / f) for f in files},
+        files={f: sha256_file(tmp / f) for f in files},
         source={"kind": source.kind, "path": str(Path(source.path).resolve()), **source.description},
         tools=tool_versions(),
         parity={name: built.report.to_dict() | {"graph": built.graph_info}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    bundle_mod.write_manifest(tmp, manifest)
+    write_manifest(tmp, manifest)
     _fsync_tree(tmp)
     return built.report
 

@@ -14,6 +14,26 @@ from gptdeploy.errors import BundleError, ConfigError
 MANIFEST = "gptdeploy.json"
 SCHEMA = 1
 FORMAT = "gptdeploy-bundle"
+QUANTIZED = ("int8", "int4")  # precisions whose graphs hold their Linear weights only quantized
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where one canonical parameter (gptdeploy.modeling.GPT's state-dict name) lies in a graph."""
+
+    initializer: str  # the graph initializer holding its values (several parameters may share one)
+    transposed: bool = False  # stored as the parameter's transpose (a Linear weight as MatMul's [in, out])
+
+    def to_dict(self) -> dict:
+        return {"initializer": self.initializer, "transposed": self.transposed}
+
+    @classmethod
+    def from_dict(cls, d: object) -> WeightRef | None:
+        """None when `d` is not {"initializer": str, "transposed": bool}."""
+        if not isinstance(d, dict) or not isinstance(d.get("initializer"), str):
+            return None
+        transposed = d.get("transposed", False)
+        return cls(d["initializer"], transposed) if isinstance(transposed, bool) else None
 
 
 @dataclass(frozen=True)
@@ -25,10 +45,14 @@ class GraphEntry:
     precision: str
     signature: GraphSignature
     data_file: str | None = None  # external weights, when the graph passes 2 GB or was asked to
+    # Canonical parameter name -> its initializer: how the `torch` runtime rebuilds the model from
+    # any graph, fused or not. Optional (bundles written before it have none); None for int8/int4
+    # graphs, which hold no float weights to rebuild from. Left out of the hash: a dict has none.
+    weights: dict[str, WeightRef] | None = field(default=None, hash=False)
 
     def to_dict(self) -> dict:
         s = self.signature
-        return {
+        d = {
             "file": self.file,
             "data_file": self.data_file,
             "precision": self.precision,
@@ -37,6 +61,9 @@ class GraphEntry:
             "last_logits_only": s.last_logits_only,
             "io": s.to_dict(),
         }
+        if self.weights is not None:
+            d["weights"] = {k: ref.to_dict() for k, ref in self.weights.items()}
+        return d
 
     @classmethod
     def from_dict(cls, name: str, d: dict, config: GPTConfig) -> GraphEntry:
@@ -50,7 +77,7 @@ class GraphEntry:
             data_file = d.get("data_file")
             if data_file is not None and not isinstance(data_file, str):
                 raise TypeError(f"data_file must be a file name, got {data_file!r}")
-            return cls(name, str(d["file"]), str(d["precision"]), sig, data_file)
+            return cls(name, str(d["file"]), str(d["precision"]), sig, data_file, _weights(name, d.get("weights")))
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest graph {name!r} is malformed: missing or bad field {exc}") from None
 
@@ -162,6 +189,20 @@ class Manifest:
         )
 
 
+def _weights(graph: str, v: object) -> dict[str, WeightRef] | None:
+    if v is None:
+        return None
+    refs = {k: WeightRef.from_dict(ref) for k, ref in v.items()} if isinstance(v, dict) else {}
+    bad = [k for k, ref in refs.items() if ref is None]
+    if not isinstance(v, dict) or bad:
+        raise BundleError(
+            f"manifest graph {graph!r} field 'weights' must map parameter names to "
+            f"{{'initializer': name, 'transposed': true/false}} (bad: {', '.join(map(str, bad[:3])) or type(v).__name__}); "
+            "re-export the bundle"
+        )
+    return refs
+
+
 def _int(v: object, what: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         raise BundleError(f"manifest field {what} must be a non-negative integer, got {v!r}")
@@ -184,4 +225,4 @@ def _obj(v: object) -> dict:
     return v if isinstance(v, dict) else {}
 
 
-__all__ = ["FORMAT", "MANIFEST", "SCHEMA", "GraphEntry", "Manifest", "TokenizerEntry"]
+__all__ = ["FORMAT", "MANIFEST", "QUANTIZED", "SCHEMA", "GraphEntry", "Manifest", "TokenizerEntry", "WeightRef"]

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 
 import tokenizers
 
-from gptdeploy.bundle import Bundle, TokenizerEntry
+from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BundleError, GenerationError
+from gptdeploy.manifest import TokenizerEntry
 
 REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode makes of an incomplete byte sequence
+SHOWN = 8  # offending characters or words named in the error, at most
 
 
 class Tokenizer:
@@ -60,7 +62,20 @@ class Tokenizer:
         """Token ids of `text`; special tokens only where the tokenizer's own post-processor adds them."""
         if not isinstance(text, str):
             raise GenerationError(f"a prompt must be a string, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=True).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare `Exception` for unknown input
+            raise GenerationError(self._refusal(text, exc)) from None
+
+    def _refusal(self, text: str, exc: Exception) -> str:
+        """Why the tokenizer refused `text`, naming exactly the pieces it cannot encode."""
+        pieces = unencodable(self._tok, text)
+        if not pieces:  # refused only in context: the tokenizer's own words are all we have
+            return f"the tokenizer cannot encode the prompt ({str(exc).splitlines()[0]}); rephrase it"
+        shown = ", ".join(_describe(p) for p in pieces[:SHOWN]) + (
+            f" and {len(pieces) - SHOWN} more" if len(pieces) > SHOWN else "")
+        what = "characters" if all(len(p) == 1 for p in pieces) else "text"
+        return f"the prompt has {what} the model's vocabulary lacks: {shown}; remove or replace them"
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens kept (an audit must show what the model produced)."""
@@ -68,6 +83,41 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+
+def unencodable(tok: tokenizers.Tokenizer, text: str) -> list[str]:
+    """The pieces of `text` that `tok` refuses, each once, in order of appearance.
+
+    A piece is what the tokenizer's own pre-tokenizer hands its model (one character for a
+    character vocabulary, a word for a word-level one), and is refused when encoding it alone
+    fails. In a refused word, the characters that occur in no token of the vocabulary are named
+    instead (no tokenization can produce them); a word made of known characters is named whole."""
+    norm = tok.normalizer.normalize_str(text) if tok.normalizer else text
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(norm)] if tok.pre_tokenizer else [norm]
+    known: set[str] | None = None
+    found: list[str] = []
+    for piece in dict.fromkeys(pieces):
+        if _encodes(tok, piece):
+            continue
+        if len(piece) > 1:
+            known = known if known is not None else set("".join(tok.get_vocab(with_added_tokens=True)))
+            found += [c for c in dict.fromkeys(piece) if c not in known] or [piece]
+        else:
+            found.append(piece)
+    return list(dict.fromkeys(found))
+
+
+def _encodes(tok: tokenizers.Tokenizer, text: str) -> bool:
+    try:
+        tok.encode(text, add_special_tokens=False)
+    except Exception:  # noqa: BLE001 - see Tokenizer.encode
+        return False
+    return True
+
+
+def _describe(piece: str) -> str:
+    """'é' (U+00E9): the code point tells apart look-alikes and names invisible characters."""
+    return f"{piece!r} (U+{ord(piece):04X})" if len(piece) == 1 else repr(piece)
 
 
 class IncrementalDecoder:

@@ -1,10 +1,11 @@
 """The `torch` runtime: the canonical module (gptdeploy.modeling.GPT) run directly; the reference.
 
-A bundle carries no torch checkpoint, so the weights come from the graph's initializers.
-They are found by the graph's structure, not only by initializer name: the tracer stores
-identical tensors once (every LayerNorm weight of a fresh model is the same ones-vector),
-so `h.1.ln_1.weight` may exist only as an input of node `/m/h.1/ln_1/LayerNormalization`.
-Linear weights are stored [in, out] (MatMul) and transposed back into nn.Linear's [out, in].
+A bundle carries no torch checkpoint, so the weights come from the graph's initializers, read
+by name through the manifest's weights map (`graphs.<name>.weights`: canonical parameter ->
+initializer, as stored or transposed), which the exporter found by value in the final graph.
+That holds for every float graph, fused or not, whatever its node names. int8/int4 graphs hold
+no float Linear weights, so they are refused. Bundles written before the map existed are read
+by the tracer's node names (`graph_state_dict`), which works for unfused graphs only.
 """
 
 from __future__ import annotations
@@ -17,16 +18,37 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from gptdeploy.bundle import Bundle, GraphEntry
-from gptdeploy.errors import BundleError, SourceError
+from gptdeploy.bundle import Bundle
+from gptdeploy.errors import BackendUnavailable, BundleError, SourceError
+from gptdeploy.manifest import QUANTIZED, GraphEntry, WeightRef
 from gptdeploy.modeling import GPT, load_state, to_fp16
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
 log = logging.getLogger(__name__)
 
+def mapped_state_dict(proto: onnx.ModelProto, weights: dict[str, WeightRef], base_dir: str) -> dict[str, np.ndarray]:
+    """Canonical state dict (float32 arrays) read from the initializers the weights map names."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    absent = sorted({ref.initializer for ref in weights.values()} - set(inits))
+    if absent:
+        raise BundleError(
+            f"the graph has no initializer {', '.join(absent[:4])} that its manifest's weights map names; "
+            "the bundle is inconsistent: re-export it (gptdeploy export SOURCE -o OUT)"
+        )
+    arrays: dict[str, np.ndarray] = {}  # one read per initializer, however many parameters share it
+    state = {}
+    for name, ref in weights.items():
+        if ref.initializer not in arrays:
+            arrays[ref.initializer] = numpy_helper.to_array(inits[ref.initializer], base_dir)
+        value = arrays[ref.initializer]
+        state[name] = np.array(value.T if ref.transposed else value, dtype=np.float32, order="C")  # writable, for torch
+    return state
+
 
 def graph_state_dict(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Canonical state dict (module path -> float32 array) read from an exported graph."""
+    """Canonical state dict (module path -> float32 array) found by the tracer's node names: for
+    unfused graphs of bundles without a weights map. The tracer stores identical tensors once,
+    so `h.1.ln_1.weight` may exist only as an input of node `/m/h.1/ln_1/LayerNormalization`."""
     g = proto.graph
     values = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     for node in g.node:  # deduplicated weights reappear as Identity outputs
@@ -59,6 +81,39 @@ def _module_path(node_name: str) -> str:
     return ".".join(parts)
 
 
+def load_graph_model(bundle: Bundle, graph: GraphEntry, backend: str) -> GPT:
+    """The canonical module (fp32, on the CPU) with the weights of `graph`."""
+    if graph.precision in QUANTIZED:
+        raise BackendUnavailable(
+            f"graph {graph.name!r} holds {graph.precision} weights; the {backend} runtime runs fp32 and fp16 "
+            f"graphs: use --backend ort, or export without --{graph.precision} for a {backend} reference"
+        )
+    path = bundle.file(graph.file)
+    try:  # external data is read per tensor, and only for the initializers the map names
+        proto = onnx.load(str(path), load_external_data=graph.weights is None)
+        if graph.weights is not None:
+            state = mapped_state_dict(proto, graph.weights, str(path.parent))
+        else:
+            state = graph_state_dict(proto)
+    except (OSError, ValueError, DecodeError) as exc:
+        raise BundleError(f"cannot read graph {graph.file!r}: {exc}") from None
+    del proto
+    with torch.device("meta"):  # no random init: load_state assigns the arrays read from the graph
+        model = GPT(bundle.config)
+    try:
+        load_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
+    except SourceError as exc:
+        how = (
+            "its manifest's weights map does not cover the model: re-export the bundle"
+            if graph.weights is not None
+            else "the bundle predates the manifest's weights map, and the graph's node names (a fused "
+            "graph's?) do not show every weight: re-export it with this gptdeploy (gptdeploy export "
+            "SOURCE -o OUT), or use --backend ort"
+        )
+        raise BundleError(f"the {backend} runtime cannot rebuild the model from graph {graph.name!r} ({exc}); {how}") from None
+    return model
+
+
 class TorchRuntime(RuntimeBase):
     """On the CPU in fp32 (the reference). On a GPU (`torch-cuda`), in the graph's precision:
     an fp16 graph runs as `to_fp16` makes the model (fp16 weights and KV cache, LayerNorm,
@@ -69,26 +124,12 @@ class TorchRuntime(RuntimeBase):
     def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None, device: str = "cpu"):
         super().__init__(bundle, graph)
         self.device = torch.device(device)
-        path = bundle.file(graph.file)
-        try:
-            proto = onnx.load(str(path))  # external data, when present, sits next to the graph
-        except (OSError, ValueError, DecodeError) as exc:
-            raise BundleError(f"cannot read graph {graph.file!r}: {exc}") from None
-        state = graph_state_dict(proto)
-        del proto
-        with torch.device("meta"):  # no random init: load_state assigns the arrays read from the graph
-            model = GPT(bundle.config)
-        try:
-            load_state(model, {k: torch.from_numpy(v) for k, v in state.items()})
-        except SourceError as exc:
-            raise BundleError(
-                f"the torch runtime cannot rebuild the model from graph {graph.name!r} ({exc}); "
-                "use the fp32 graph (--graph fp32)"
-            ) from None
         if self.device.type == "cuda":
             self.name = "torch-cuda"
+        model = load_graph_model(bundle, graph, self.name)
+        if self.device.type == "cuda":
             if graph.precision == "fp16":
-                to_fp16(model)
+                to_fp16(model)  # exact: the fp16 graph's weights were fp16 before the fp32 copy
             model.to(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self._kv_dtype = model.wte.weight.dtype  # the KV cache is kept in the weights' dtype, as in export

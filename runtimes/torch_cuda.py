@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from gptdeploy.bundle import Bundle, GraphEntry
+from gptdeploy.bundle import Bundle
+from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.torch import TorchRuntime
 
 

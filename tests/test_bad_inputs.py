@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gptdeploy.bundle import MANIFEST, sha256_file
 from gptdeploy.cli import cli
+from gptdeploy.hashing import sha256_file
+from gptdeploy.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -124,6 +125,25 @@ def _code_in_ckpt(tmp, s, mp):
     return ["export", d / "ckpt.pt", "-o", tmp / "out"], None
 
 
+def _char_vocab_prompt(tmp, s, mp):
+    """A nanoGPT character vocabulary (meta.pkl) has no unknown token: `é` cannot be encoded."""
+    from tests.factories import make_nanogpt_ckpt
+    from tests.runtime_bundles import write_bundle
+
+    ckpt = make_nanogpt_ckpt(tmp / "nano", n_layer=1, n_head=2, n_embd=16, block_size=32)
+    return ["generate", write_bundle(ckpt, tmp / "b"), "héllo"], None
+
+
+def _torch_on_int8(tmp, s, mp):
+    """An int8 graph holds no float Linear weights for the torch runtime to rebuild the model from."""
+    from gptdeploy.exporters.export import export_bundle
+    from tests.factories import make_nanogpt_ckpt
+
+    ckpt = make_nanogpt_ckpt(tmp / "nano", n_layer=1, n_head=2, n_embd=16, block_size=32)
+    bundle = export_bundle(ckpt, tmp / "b", precision="int8").bundle.path
+    return ["generate", bundle, "hello", "--backend", "torch"], None
+
+
 def _hf_config(tmp, s, text: str):
     d = Path(shutil.copytree(s.hf, tmp / "src"))
     (d / "config.json").write_text(text)
@@ -213,6 +233,10 @@ CASES = [
          lambda t, s, mp: (["generate", s.bundle, "hi", "--stream", "--json"], None)),
     Case("generate-prompt-does-not-fit", "generate BUNDLE (600-character prompt) --max-new-tokens 8",
          "the model's context is 128 positions", lambda t, s, mp: (["generate", s.bundle, "The quick brown fox " * 30, "--max-new-tokens", "8"], None)),
+    Case("generate-char-not-in-vocabulary", "generate BUNDLE(nanoGPT meta.pkl characters) héllo",
+         "the prompt has characters the model's vocabulary lacks: 'é' (U+00E9)", _char_vocab_prompt),
+    Case("generate-torch-on-int8", "generate BUNDLE(--int8) hello --backend torch",
+         "the torch runtime runs fp32 and fp16 graphs: use --backend ort", _torch_on_int8),
     Case("generate-non-utf8-stdin", "generate BUNDLE - < (bytes ff fe)", "stdin is not UTF-8",
          lambda t, s, mp: (["generate", s.bundle, "-"], b"\xff\xfeabc")),
     Case("generate-empty-prompt", "generate BUNDLE ''", "prompt is empty",
