@@ -21,7 +21,7 @@ CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
-SUPPORTED_ARCHITECTURES = "gpt2 (GPT-2 family; Llama-family is planned, not supported yet)"
+SUPPORTED_ARCHITECTURES = "gpt2 (the GPT-2 family)"
 
 # transformers' ACT2FN names -> canonical GELU kind. gelu_fast is the tanh formula with
 # sqrt(2/pi) rounded to 0.7978845608 (relative difference ~4e-12), so it is "tanh" too.
