@@ -115,10 +115,15 @@ def _gpus_from_smi(probes: Probes) -> tuple[list[Gpu], str, str] | None:
 
 
 def _gpus_from_cudart(cudart) -> tuple[list[Gpu], str, str] | None:
+    from gptdeploy.runtimes import cuda
+
     ok = cudart.cudaError_t.cudaSuccess
     err, count = cudart.cudaGetDeviceCount()
     if err != ok:
-        return None
+        if cuda.error_name(cudart, err) == "cudaErrorNoDevice":
+            return None
+        # Not "no GPU": CUDA itself failed (cuda-python 13 on a CUDA 12 driver gives error 35).
+        return [], "unknown (no nvidia-smi)", f"unusable: {cuda.describe(cudart, err)}"
     gpus = []
     for i in range(count):
         err, prop = cudart.cudaGetDeviceProperties(i)

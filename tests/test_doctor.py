@@ -198,3 +198,10 @@ def test_doctor_on_this_machine_runs():
     report = diagnose()
     assert report.python and report.backends["ort"].available
     json.dumps(report.to_dict())
+
+
+def test_a_cuda_error_is_reported_by_name_not_as_no_gpu():
+    cudart = FakeCudart(device_error=35)  # cuda-python 13 on a CUDA 12 driver
+    report = diagnose(_probes({"onnxruntime": _ort("CPUExecutionProvider"), "cuda.bindings.runtime": cudart}, smi=False))
+    assert report.gpus == [] and report.cuda.startswith("unusable: cudaErrorInsufficientDriver")
+    assert "upgrade the driver" in render(report)
