@@ -84,14 +84,58 @@ class GraphEntry:
 
 @dataclass(frozen=True)
 class TokenizerEntry:
+    """The bundle's tokenizer and how generation uses it. Every field after pad_token_id is
+    optional in the manifest (bundles written before them load with the defaults)."""
+
     file: str
     vocab_size: int  # tokens the tokenizer knows; logits past this are padding rows
-    eos_token_id: int | None = None
+    eos_token_id: int | None = None  # the primary EOS: the first of eos_token_ids
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Every id that ends a generation: Llama 3 lists <|end_of_text|>, <|eom_id|>, <|eot_id|>; Qwen
+    # <|im_end|>, <|endoftext|> (their generation_config.json).
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos_token: bool = False  # gptdeploy prepends bos_token_id (tokenizer.json's post-processor does not)
+    chat_template: str | None = None  # bundle file holding the Jinja chat template
+    # Named special tokens as text (bos_token, eos_token, ...): the chat template reads them.
+    special_tokens: dict[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation; none when eos_token_id is None (so clearing it, as a
+        benchmark does to decode every requested token, clears them all)."""
+        if self.eos_token_id is None:
+            return ()
+        return tuple(dict.fromkeys((self.eos_token_id, *self.eos_token_ids)))
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "eos_token_ids": list(self.eos_token_ids), "special_tokens": dict(self.special_tokens)}
+
+    @classmethod
+    def from_dict(cls, tok: dict) -> TokenizerEntry:
+        ids = _list(tok.get("eos_token_ids"), "tokenizer.eos_token_ids")
+        add_bos = tok.get("add_bos_token", False)
+        if not isinstance(add_bos, bool):
+            raise BundleError(f"manifest field tokenizer.add_bos_token must be true or false, got {add_bos!r}")
+        template = tok.get("chat_template")
+        if template is not None and (not isinstance(template, str) or not template):
+            raise BundleError(f"manifest field tokenizer.chat_template must be a file name or null, got {template!r}")
+        special = tok.get("special_tokens", {})
+        if not isinstance(special, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in special.items()
+        ):
+            raise BundleError("manifest field tokenizer.special_tokens must map token names to strings")
+        return cls(
+            file=str(tok["file"]),
+            vocab_size=_int(tok["vocab_size"], "tokenizer.vocab_size"),
+            eos_token_id=_opt_int(tok.get("eos_token_id"), "eos_token_id"),
+            bos_token_id=_opt_int(tok.get("bos_token_id"), "bos_token_id"),
+            pad_token_id=_opt_int(tok.get("pad_token_id"), "pad_token_id"),
+            eos_token_ids=tuple(_int(i, "tokenizer.eos_token_ids[]") for i in ids),
+            add_bos_token=add_bos,
+            chat_template=template,
+            special_tokens=dict(special),
+        )
 
 
 @dataclass
@@ -159,13 +203,7 @@ class Manifest:
                 str(k): GraphEntry.from_dict(str(k), v if isinstance(v, dict) else {}, config)
                 for k, v in graphs_raw.items()
             }
-            tokenizer = TokenizerEntry(
-                file=str(tok["file"]),
-                vocab_size=_int(tok["vocab_size"], "tokenizer.vocab_size"),
-                eos_token_id=_opt_int(tok.get("eos_token_id"), "eos_token_id"),
-                bos_token_id=_opt_int(tok.get("bos_token_id"), "bos_token_id"),
-                pad_token_id=_opt_int(tok.get("pad_token_id"), "pad_token_id"),
-            )
+            tokenizer = TokenizerEntry.from_dict(tok)
         except ConfigError as exc:
             raise BundleError(f"manifest model config: {exc}") from None
         except KeyError as exc:

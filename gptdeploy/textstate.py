@@ -18,7 +18,7 @@ from gptdeploy.tokenizer import IncrementalDecoder, Tokenizer
 class StopRules:
     strings: tuple[str, ...] = ()
     token_ids: frozenset[int] = frozenset()
-    eos_token_id: int | None = None
+    eos_token_ids: frozenset[int] = frozenset()  # any of them ends the row with finish_reason "eos"
 
     @classmethod
     def build(
@@ -38,7 +38,7 @@ class StopRules:
                 ids.append(i)
         if problems:
             raise GenerationError("; ".join(problems))
-        return cls(strings, frozenset(ids), tokenizer.eos_token_id)
+        return cls(strings, frozenset(ids), frozenset(tokenizer.eos_token_ids))
 
 
 class RowText:
@@ -64,7 +64,7 @@ class RowText:
     def push(self, token_id: int, last: bool) -> str:
         """Add the row's next token (`last`: max_new_tokens reached); return newly final text."""
         self.token_ids.append(token_id)
-        if token_id == self._stops.eos_token_id:
+        if token_id in self._stops.eos_token_ids:
             self._finish("eos")
         elif token_id in self._stops.token_ids:
             self._finish("stop_token")

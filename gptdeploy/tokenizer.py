@@ -5,6 +5,7 @@ Torch-free and transformers-free: only the `tokenizers` library.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import tokenizers
@@ -48,7 +49,26 @@ class Tokenizer:
 
     @property
     def eos_token_id(self) -> int | None:
+        """The primary EOS id (the first of `eos_token_ids`)."""
         return self.entry.eos_token_id
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generation (Llama 3 and Qwen have several)."""
+        return self.entry.stop_ids
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.entry.bos_token_id
+
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """Whether `encode` puts BOS in front: the manifest asks gptdeploy to, or tokenizer.json's
+        own post-processor does (Llama's TemplateProcessing)."""
+        bos = self.entry.bos_token_id
+        if bos is None:
+            return False
+        return self.entry.add_bos_token or self._tok.encode("", add_special_tokens=True).ids[:1] == [bos]
 
     @property
     def pad_token_id(self) -> int:
@@ -58,14 +78,20 @@ class Tokenizer:
                 return candidate
         return 0
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens only where the tokenizer's own post-processor adds them."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With `add_special_tokens`: what the tokenizer's post-processor adds,
+        and BOS in front when the manifest says gptdeploy must add it (never a second one).
+        Without: the text alone (a rendered chat template writes its own special tokens)."""
         if not isinstance(text, str):
             raise GenerationError(f"a prompt must be a string, got {type(text).__name__}")
         try:
-            return self._tok.encode(text, add_special_tokens=True).ids
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare `Exception` for unknown input
             raise GenerationError(self._refusal(text, exc)) from None
+        bos = self.entry.bos_token_id
+        if add_special_tokens and self.entry.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
 
     def _refusal(self, text: str, exc: Exception) -> str:
         """Why the tokenizer refused `text`, naming exactly the pieces it cannot encode."""

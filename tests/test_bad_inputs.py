@@ -155,6 +155,18 @@ def _text_file(tmp, name="notes.txt", text="hello\n"):
     return tmp / name
 
 
+def _hub_offline(tmp, s, mp):
+    """huggingface_hub's own settings, as HF_HUB_OFFLINE=1 and HF_HUB_CACHE set them (read at its import)."""
+    import huggingface_hub
+
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp / "hf-cache"))
+    return ["export", "gptdeploy-tests/not-cached", "-o", tmp / "out"], None
+
+
+RAISING_TEMPLATE = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+
+
 B = "BUNDLE"
 CASES = [
     # -- export ------------------------------------------------------------------------------
@@ -184,6 +196,8 @@ CASES = [
          lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--tokenizer", t / "nope.json"], None)),
     Case("export-disk-full", "export SRC -o OUT (onnx.save_model raises ENOSPC)", "no space left on device",
          _disk_full),
+    Case("export-hub-id-not-cached-offline", "export org/name -o OUT (HF_HUB_OFFLINE=1, org/name not cached)",
+         "is not in the Hugging Face cache", _hub_offline),
     # -- verify ------------------------------------------------------------------------------
     Case("verify-missing-bundle", "verify MISSING", "does not exist",
          lambda t, s, mp: (["verify", t / "nope"], None)),
@@ -245,6 +259,25 @@ CASES = [
          lambda t, s, mp: (["generate", s.bundle, "hi", "--max-new-tokens", "2", "--audit", _text_file(t)], None)),
     Case("generate-unknown-option", "generate BUNDLE hi --temprature 1", "No such option",
          lambda t, s, mp: (["generate", s.bundle, "hi", "--temprature", "1"], None)),
+    Case("generate-chat-without-template", "generate BUNDLE(no chat template) hi --chat", "--chat-template FILE",
+         lambda t, s, mp: (["generate", s.bundle, "hi", "--chat"], None)),
+    Case("generate-chat-template-missing", "generate BUNDLE hi --chat --chat-template MISSING", "does not exist",
+         lambda t, s, mp: (["generate", s.bundle, "hi", "--chat", "--chat-template", t / "nope.jinja"], None)),
+    Case("generate-chat-template-fails", "generate BUNDLE hi --chat --chat-template t.jinja(raise_exception)",
+         "cannot render these messages: Conversation roles must alternate",
+         lambda t, s, mp: (["generate", s.bundle, "hi", "--chat", "--chat-template",
+                            _text_file(t, "t.jinja", RAISING_TEMPLATE)], None)),
+    Case("generate-system-without-chat", "generate BUNDLE hi --system S", "are used with --chat",
+         lambda t, s, mp: (["generate", s.bundle, "hi", "--system", "S"], None)),
+    # -- chat --------------------------------------------------------------------------------
+    Case("chat-without-template", "chat BUNDLE(no chat template) < hi", "--chat-template FILE",
+         lambda t, s, mp: (["chat", s.bundle], b"hi\n")),
+    Case("chat-template-syntax-error", "chat BUNDLE --chat-template t.jinja(unclosed tag) < hi",
+         "has a syntax error on line 1",
+         lambda t, s, mp: (["chat", s.bundle, "--chat-template", _text_file(t, "t.jinja", "{% for m in messages %}")],
+                           b"hi\n")),
+    Case("chat-template-missing", "chat BUNDLE --chat-template MISSING", "does not exist",
+         lambda t, s, mp: (["chat", s.bundle, "--chat-template", t / "nope.jinja"], b"hi\n")),
     # -- bench -------------------------------------------------------------------------------
     Case("bench-missing-bundle", "bench MISSING", "does not exist",
          lambda t, s, mp: (["bench", t / "nope"], None)),

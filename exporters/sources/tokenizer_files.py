@@ -1,21 +1,114 @@
 """Tokenizers for sources: tokenizer.json as is, GPT-2 vocab.json + merges.txt and nanoGPT
-char vocabularies converted to tokenizer.json. One module, shared by every loader."""
+char vocabularies converted to tokenizer.json; the settings beside them (tokenizer_config.json,
+special_tokens_map.json, chat_template.jinja, the EOS ids of generation_config.json), and how
+both are written into a bundle. One module, shared by every loader."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gptdeploy.errors import SourceError
+from gptdeploy.exporters.sources import files
+
+if TYPE_CHECKING:
+    from gptdeploy.exporters.sources.base import Tokenizer
+    from gptdeploy.manifest import TokenizerEntry
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_JSON = "tokenizer.json"
 VOCAB_JSON = "vocab.json"
 MERGES_TXT = "merges.txt"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"  # transformers >= 4.43 saves the template here
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # its name in a bundle
 EOT = "<|endoftext|>"  # GPT-2's end of text, also its bos (and the usual pad)
 SPECIAL_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the named tokens a chat template sees as variables.
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What tokenizer_config.json, special_tokens_map.json and chat_template.jinja say; each optional."""
+
+    tokens: dict[str, str] = field(default_factory=dict)  # NAMED_TOKENS present, as text
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+    chat_template: str | None = None
+    files: tuple[Path, ...] = ()  # the files read
+
+
+def read_settings(d: Path) -> TokenizerSettings:
+    """The tokenizer settings in directory `d`, as transformers reads them: chat_template.jinja
+    wins over tokenizer_config.json's chat_template, tokenizer_config.json over special_tokens_map.json."""
+    read: list[Path] = []
+    config, tokens = {}, {}
+    if (d / SPECIAL_TOKENS_MAP).is_file():
+        read.append(d / SPECIAL_TOKENS_MAP)
+        tokens.update(_named_tokens(files.read_json(d / SPECIAL_TOKENS_MAP), d / SPECIAL_TOKENS_MAP))
+    if (d / TOKENIZER_CONFIG).is_file():
+        read.append(d / TOKENIZER_CONFIG)
+        config = files.read_json(d / TOKENIZER_CONFIG)
+        tokens.update(_named_tokens(config, d / TOKENIZER_CONFIG))
+    template = _template(config.get("chat_template"), d / TOKENIZER_CONFIG)
+    if (d / CHAT_TEMPLATE_JINJA).is_file():
+        read.append(d / CHAT_TEMPLATE_JINJA)
+        try:
+            template = (d / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SourceError(f"{d / CHAT_TEMPLATE_JINJA} cannot be read ({exc}); restore the file") from None
+    return TokenizerSettings(
+        tokens=tokens,
+        add_bos_token=_flag(config, "add_bos_token", d / TOKENIZER_CONFIG),
+        add_eos_token=_flag(config, "add_eos_token", d / TOKENIZER_CONFIG),
+        chat_template=template or None,
+        files=tuple(read),
+    )
+
+
+def _named_tokens(config: dict, where: Path) -> dict[str, str]:
+    """bos_token etc. given as a string or as an AddedToken dict ({"content": ..., ...})."""
+    out = {}
+    for key in NAMED_TOKENS:
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            out[key] = value
+        elif value is not None:
+            log.warning("%s: ignoring %s=%r: not a token string or AddedToken", where, key, value)
+    return out
+
+
+def _flag(config: dict, key: str, where: Path) -> bool | None:
+    value = config.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    log.warning("%s: ignoring %s=%r: not true or false", where, key, value)
+    return None
+
+
+def _template(value: object, where: Path) -> str | None:
+    """chat_template: a string, or a list of {name, template} of which transformers uses "default"."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
+    ):
+        named = {t["name"]: t["template"] for t in value}
+        if "default" in named:
+            return named["default"]
+        log.warning("%s: chat templates %s, none named 'default'; the bundle gets none "
+                    "(give one at run time with --chat-template FILE)", where, ", ".join(sorted(named)))
+        return None
+    raise SourceError(f"{where}: chat_template must be a string or a list of {{name, template}}, "
+                      f"got {type(value).__name__}; fix or remove it")
 
 
 def read_tokenizer_json(path: Path) -> str:
@@ -112,9 +205,17 @@ def from_argument(path: Path) -> tuple[str, list[Path]]:
     return found
 
 
-def make_tokenizer(text: str, model_vocab: int, settings: list[dict], where: Path):
-    """base.Tokenizer for `text`; special ids come from the first of `settings` (config.json,
-    generation_config.json, ...) that names them, else from <|endoftext|> if the vocabulary has it."""
+def make_tokenizer(
+    text: str,
+    model_vocab: int,
+    settings: list[dict],
+    where: Path,
+    tokenizer_settings: TokenizerSettings | None = None,
+) -> Tokenizer:
+    """base.Tokenizer for `text`. Special ids come from the first of `settings` (config.json,
+    generation_config.json, ...) that names them, then from the token texts of `tokenizer_settings`,
+    then <|endoftext|> if the vocabulary has it; the EOS ids are every one they name, in that order.
+    `tokenizer_settings` defaults to read_settings(where) when `where` is a directory."""
     from gptdeploy.exporters.sources.base import Tokenizer
 
     tok = _parse(text, TOKENIZER_JSON)
@@ -124,25 +225,87 @@ def make_tokenizer(text: str, model_vocab: int, settings: list[dict], where: Pat
             f"{where}: the tokenizer has {size} tokens but the model's embedding has only "
             f"{model_vocab} rows; is this the tokenizer the model was trained with?"
         )
+    if tokenizer_settings is None:
+        tokenizer_settings = read_settings(where) if Path(where).is_dir() else TokenizerSettings()
+    ts = tokenizer_settings
     eot = tok.token_to_id(EOT)
-    ids = {}
-    for key in SPECIAL_KEYS:
-        ids[key] = next(
-            (v for v in (_token_id(s.get(key), key, size) for s in settings) if v is not None), eot
-        )
-    return Tokenizer(json=text, vocab_size=size, **ids)
+    named = {key: _named_id(tok, ts.tokens.get(key.removesuffix("_id")), key, where) for key in SPECIAL_KEYS}
+    found = {key: [i for s in settings for i in _token_ids(s.get(key), key, size)] for key in SPECIAL_KEYS}
+    ids = {key: next(iter(found[key]), named[key] if named[key] is not None else eot) for key in SPECIAL_KEYS}
+    # Every EOS id the settings name (config.json's, then generation_config.json's list), and
+    # tokenizer_config's eos_token: a chat template ends its turns with it (<|im_end|>, <|eot_id|>).
+    eos_ids = [i for i in dict.fromkeys([ids["eos_token_id"], *found["eos_token_id"], named["eos_token_id"]])
+               if i is not None]
+    if ts.add_eos_token:
+        log.warning("%s: add_eos_token is set; gptdeploy never ends a prompt with EOS (it would end the "
+                    "generation before it starts)", where)
+    return Tokenizer(
+        json=text,
+        vocab_size=size,
+        **ids,
+        eos_token_ids=eos_ids,
+        add_bos_token=_bos_to_add(tok, ts, ids["bos_token_id"], where),
+        chat_template=ts.chat_template,
+        special_tokens=dict(ts.tokens),
+        settings_files=list(ts.files),
+    )
 
 
-def _token_id(value, key: str, size: int) -> int | None:
-    if isinstance(value, list):  # some configs list several eos ids; the first is the primary one
-        value = value[0] if value else None
-    if value is None:
+def _named_id(tok, token: str | None, key: str, where: Path) -> int | None:
+    if token is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
-        # Common in small models trained from GPT-2's config: eos 50256 with a 300-token vocabulary.
-        log.warning("ignoring %s=%r: not a token id of this %d-token tokenizer", key, value, size)
-        return None
-    return value
+    found = tok.token_to_id(token)
+    if found is None:
+        log.warning("%s: ignoring %s %r from the tokenizer settings: not a token of tokenizer.json",
+                    where, key.removesuffix("_id"), token)
+    return found
+
+
+def _bos_to_add(tok, settings: TokenizerSettings, bos: int | None, where: Path) -> bool:
+    """Whether gptdeploy must prepend BOS itself: the settings ask for it and tokenizer.json's
+    post-processor does not already put it in front (Llama's TemplateProcessing does; a second
+    one would change the model's input). Seen by encoding the empty text."""
+    if not settings.add_bos_token:
+        return False
+    if bos is None:
+        log.warning("%s: add_bos_token is set but no BOS token is known; no BOS is added", where)
+        return False
+    return tok.encode("", add_special_tokens=True).ids[:1] != [bos]
+
+
+def write_bundle_files(tok: Tokenizer, directory: Path, tokenizer_file: str) -> tuple[TokenizerEntry, list[str]]:
+    """Write the tokenizer (and its chat template) into a bundle directory: the manifest entry,
+    and the files written (to be listed with their SHA-256)."""
+    from gptdeploy.manifest import TokenizerEntry
+
+    written = [tokenizer_file]
+    (directory / tokenizer_file).write_text(tok.json, encoding="utf-8")
+    template = None
+    if tok.chat_template:
+        template = CHAT_TEMPLATE_FILE
+        (directory / template).write_text(tok.chat_template, encoding="utf-8")
+        written.append(template)
+    entry = TokenizerEntry(
+        tokenizer_file, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id,
+        eos_token_ids=tuple(tok.eos_token_ids),
+        add_bos_token=tok.add_bos_token,
+        chat_template=template,
+        special_tokens=dict(tok.special_tokens),
+    )
+    return entry, written
+
+
+def _token_ids(value, key: str, size: int) -> list[int]:
+    """The ids `value` names: an int, or a list of them (Llama 3 and Qwen list several EOS ids)."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    out = []
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < size:
+            # Common in small models trained from GPT-2's config: eos 50256 with a 300-token vocabulary.
+            log.warning("ignoring %s=%r: not a token id of this %d-token tokenizer", key, v, size)
+        else:
+            out.append(v)
+    return out
 
 
 def _parse(text: str, where):

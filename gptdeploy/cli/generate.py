@@ -59,11 +59,24 @@ def runtime_options(command):
     return command
 
 
+def chat_options(command):
+    """The chat template options (generate --chat, chat)."""
+    for decorator in reversed((
+        click.option("--system", help="System message before the user's (kept when old turns are dropped)."),
+        click.option("--chat-template", "template_file", type=click.Path(path_type=Path), metavar="FILE",
+                     help="Jinja chat template file to use instead of the bundle's (for models that shipped none)."),
+    )):
+        command = decorator(command)
+    return command
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @sampling_options
 @runtime_options
+@click.option("--chat", is_flag=True, help="Render PROMPT as one user turn with the model's chat template.")
+@chat_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
 @click.option(
@@ -72,17 +85,27 @@ def runtime_options(command):
 )
 @click.option("--audit-float32", is_flag=True, help="Store audited attention as float32 (exact; ~2x the float16 size).")
 def generate(bundle: Path, prompt: str, backend: str, graph: str | None, threads: int | None,
-             no_verify_hashes: bool, stream: bool, as_json: bool, audit_log: Path | None, audit_float32: bool,
-             **sampling) -> None:
+             no_verify_hashes: bool, chat: bool, system: str | None, template_file: Path | None, stream: bool,
+             as_json: bool, audit_log: Path | None, audit_float32: bool, **sampling) -> None:
     """Generate text from BUNDLE for PROMPT ("-" reads the prompt from stdin)."""
     from gptdeploy.generate import Generator  # numpy + onnxruntime only, and only when generating
 
     if stream and as_json:
         raise click.BadParameter("--stream and --json cannot be combined", param_hint="--json")
+    if not chat and (system is not None or template_file is not None):
+        raise click.UsageError("--system and --chat-template are used with --chat")
     text = read_prompt(prompt)
     with Generator.load(bundle, backend=backend, graph=graph, threads=threads,
                         verify_hashes=not no_verify_hashes) as gen:
-        result = _run(gen, text, stream, dict(sampling, record_attention=audit_log is not None))
+        options = dict(sampling, record_attention=audit_log is not None)
+        if chat:
+            from gptdeploy import chat as chats
+
+            messages = chats.chat_messages(text, system)
+            ids = chats.chat_prompt_ids(gen, messages, chats.ChatTemplate.from_bundle(gen.bundle, template_file))
+            result = _run_ids(gen, ids, stream, options)
+        else:
+            result = _run(gen, text, stream, options)
         if audit_log is not None:
             from gptdeploy.audit.record import AuditOptions, append_generation
 
@@ -101,6 +124,19 @@ def _run(gen, text: str, stream: bool, options: dict):
     if not stream:
         return gen.generate(text, **options)
     with gen.stream(text, **options) as pieces:
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+        return pieces.result
+
+
+def _run_ids(gen, ids: list[int], stream: bool, options: dict):
+    """`_run` for a prompt given as token ids (a rendered chat)."""
+    if not stream:
+        return gen.generate_ids([ids], **options)[0]
+    from gptdeploy.chat import stream_ids
+
+    with stream_ids(gen, ids, **options) as pieces:
         for piece in pieces:
             click.echo(piece, nl=False)
         click.echo()
@@ -128,4 +164,4 @@ def footer(result, backend: str) -> str:
             f"{t.decode_tokens_per_s:.1f} tokens/s; {backend}{seed}]")
 
 
-__all__ = ["footer", "generate", "read_prompt", "runtime_options", "sampling_options"]
+__all__ = ["chat_options", "footer", "generate", "read_prompt", "runtime_options", "sampling_options"]
