@@ -94,6 +94,7 @@ class Bundle:
     def _check_files(self, verify_hashes: bool) -> None:
         m = self.manifest
         needed = {m.tokenizer.file} | {g.file for g in m.graphs.values()}
+        needed |= {m.tokenizer.chat_template} if m.tokenizer.chat_template else set()
         needed |= {g.data_file for g in m.graphs.values() if g.data_file}
         unlisted = sorted(needed - set(m.files))
         if unlisted:

@@ -17,7 +17,7 @@ import numpy as np
 
 from gptdeploy.bundle import write_manifest
 from gptdeploy.hashing import sha256_file
-from gptdeploy.manifest import GraphEntry, Manifest, TokenizerEntry
+from gptdeploy.manifest import GraphEntry, Manifest
 from gptdeploy.steps import positions
 from tests.factories import make_hf_gpt2_dir
 
@@ -65,6 +65,7 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     """export_bundle's layout and manifest, without its parity run."""
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.exporters.sources import load_source
+    from gptdeploy.exporters.sources.tokenizer_files import write_bundle_files
     from gptdeploy.exporters.weights_map import graph_weights
     from gptdeploy.modeling import GPT, load_state
 
@@ -73,16 +74,13 @@ def write_bundle(source_dir: Path, out: Path, attentions: bool = True) -> Path:
     load_state(model, source.state)
     out.mkdir(parents=True)
     sig, data_file = export_onnx(model.eval(), out / GRAPH_FILE, attentions=attentions)
-    (out / TOKENIZER_FILE).write_text(source.tokenizer.json, encoding="utf-8")
-    tok = source.tokenizer
-    files = [GRAPH_FILE, TOKENIZER_FILE] + ([data_file] if data_file else [])
+    tok_entry, tok_files = write_bundle_files(source.tokenizer, out, TOKENIZER_FILE)
+    files = [GRAPH_FILE, *tok_files] + ([data_file] if data_file else [])
     manifest = Manifest(
         config=source.config,
         graphs={"fp32": GraphEntry("fp32", GRAPH_FILE, "fp32", sig, data_file,
                                    graph_weights(source.config, source.state, "fp32", out / GRAPH_FILE))},
-        tokenizer=TokenizerEntry(
-            TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id
-        ),
+        tokenizer=tok_entry,
         files={f: sha256_file(out / f) for f in files},
         source={"kind": source.kind},
     )

@@ -21,7 +21,7 @@ CONTRACT = {
 # The run path: what an application embedding the Generator (or writing audit logs) loads.
 RUN_PATH = {
     "gptdeploy.steps", "gptdeploy.sampling", "gptdeploy.textstate", "gptdeploy.tokenizer",
-    "gptdeploy.options", "gptdeploy.results", "gptdeploy.decoding", "gptdeploy.generate",
+    "gptdeploy.options", "gptdeploy.results", "gptdeploy.decoding", "gptdeploy.generate", "gptdeploy.chat",
 }
 TORCH_RUNTIMES = {"gptdeploy.runtimes.torch", "gptdeploy.runtimes.torch_cuda"}
 HEAVY = ("torch", "transformers", "onnx", "optimum", "safetensors")
