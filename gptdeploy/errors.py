@@ -43,5 +43,17 @@ class ContextOverflowError(GenerationError):
     """Prompt plus requested tokens do not fit the model's context."""
 
 
+class QueueFullError(GptDeployError):
+    """The batching engine's queue of waiting requests is full; retry after a moment."""
+
+
+class RequestAborted(GenerationError):
+    """A request ended before it finished: `reason` is "cancelled", "timeout" or "shutdown"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class AuditError(GptDeployError):
     """An audit log or record cannot be read or written."""

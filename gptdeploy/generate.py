@@ -5,27 +5,28 @@
     for piece in gen.stream("Once upon a time", max_new_tokens=64): print(piece, end="")
 
 Sampling: `temperature=0` (the default) is greedy; `temperature > 0` samples, seeded by
-`seed`. Batches are left-padded; each row stops on its own (EOS, stop ids, stop strings)
-and is frozen while the others finish. One Generator serves one request at a time: calls
-from several threads are serialized by a lock (each gets exactly the result it gets alone).
-The options are gptdeploy.options.GenerationOptions; the loop is gptdeploy.decoding.
+`seed`. Every call runs through the batching engine (gptdeploy.engine): calls from several
+threads share decode steps, and each gets exactly the result it gets alone. A list of prompts
+becomes one request per prompt that start together; each stops on its own (EOS, stop ids,
+stop strings), and row b samples with its own stream seeded `seed + b` (options.row_sampling).
+The options are gptdeploy.options.GenerationOptions.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
-from gptdeploy import decoding
 from gptdeploy.bundle import Bundle
+from gptdeploy.engine import Engine, EngineLimits, Ticket
 from gptdeploy.errors import GenerationError
-from gptdeploy.options import GenerationOptions, Request, build_request, check_ids, encode, takes_options
+from gptdeploy.options import GenerationOptions, check_ids, encode, takes_options
 from gptdeploy.results import FINISH_REASONS, GenerationResult, Timings
 from gptdeploy.runtimes.backends import open_runtime
 from gptdeploy.runtimes.base import RuntimeBase
 from gptdeploy.tokenizer import Tokenizer
+
+DEFAULT_LIMITS = EngineLimits()  # 16 rows, no queue bound
 
 __all__ = ["FINISH_REASONS", "GenerationOptions", "GenerationResult", "Generator", "TextStream", "Timings"]
 
@@ -33,12 +34,9 @@ __all__ = ["FINISH_REASONS", "GenerationOptions", "GenerationResult", "Generator
 class Generator:
     """Generation over one runtime and one tokenizer; owns the runtime (close() or `with`)."""
 
-    def __init__(self, runtime: RuntimeBase, tokenizer: Tokenizer, bundle: Bundle):
-        self.runtime = runtime
-        self.tokenizer = tokenizer
-        self.bundle = bundle
-        self._lock = threading.Lock()
-        self._owner: int | None = None  # thread id holding the lock, to refuse same-thread re-entry
+    def __init__(self, runtime: RuntimeBase, tokenizer: Tokenizer, bundle: Bundle,
+                 limits: EngineLimits = DEFAULT_LIMITS):
+        self.engine = Engine(runtime, tokenizer, bundle, limits)
 
     @classmethod
     def load(
@@ -48,11 +46,24 @@ class Generator:
         graph: str | None = None,
         threads: int | None = None,
         verify_hashes: bool = True,
+        limits: EngineLimits = DEFAULT_LIMITS,
     ) -> Generator:
         """Load and check a bundle, then open `backend` ("auto": the best one available) on it."""
         bundle = Bundle.load(bundle_dir, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(bundle)
-        return cls(open_runtime(bundle, backend, graph, threads), tokenizer, bundle)
+        return cls(open_runtime(bundle, backend, graph, threads), tokenizer, bundle, limits)
+
+    @property
+    def runtime(self) -> RuntimeBase:
+        return self.engine.runtime
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.engine.bundle
 
     @property
     def max_context(self) -> int:
@@ -62,14 +73,14 @@ class Generator:
 
     @takes_options
     def generate(self, prompt: str | Sequence[str], **options) -> GenerationResult | list[GenerationResult]:
-        """One prompt -> one result; a list of prompts -> a list of results, generated as one batch."""
+        """One prompt -> one result; a list of prompts -> a list of results, started together."""
         single = isinstance(prompt, str)
         if not single and not isinstance(prompt, Sequence):
             raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         texts = [prompt] if single else list(prompt)
         if not texts:
             raise GenerationError("no prompts given")
-        results = self._drain(self._request([encode(self.tokenizer, t) for t in texts], options))
+        results = _wait(self._submit([encode(self.tokenizer, t) for t in texts], options))
         return results[0] if single else results
 
     @takes_options
@@ -78,25 +89,27 @@ class Generator:
         ids = [check_ids(p, self.bundle.config.vocab_size) for p in prompt_ids]
         if not ids:
             raise GenerationError("no prompts given")
-        return self._drain(self._request(ids, options))
+        return _wait(self._submit(ids, options))
 
     @takes_options
     def stream(self, prompt: str, **options) -> TextStream:
         """Text pieces as they are generated; they concatenate to `generate(...)`'s text and never
-        split a character. Arguments are checked now; the work runs while you iterate; the
-        finished stream's `.result` holds the whole result (with attention when recorded)."""
+        split a character. Arguments are checked now and the work starts at once; the finished
+        stream's `.result` holds the whole result (with attention when recorded)."""
         if not isinstance(prompt, str):
             raise GenerationError("stream takes one prompt string; use generate() for a batch")
-        return TextStream(self, self._request([encode(self.tokenizer, prompt)], options, stream=True))
+        return TextStream(self._submit([encode(self.tokenizer, prompt)], options, stream=True)[0])
+
+    @takes_options
+    def stream_ids(self, prompt_ids: Sequence[int], **options) -> TextStream:
+        """Like `stream` on one prompt given as token ids (a rendered chat, for one)."""
+        ids = check_ids(prompt_ids, self.bundle.config.vocab_size)
+        return TextStream(self._submit([ids], options, stream=True)[0])
 
     def close(self) -> None:
-        """Release the runtime; waits for a call in progress in another thread. Called from the
-        thread that holds an unfinished stream, it closes at once and that stream then fails cleanly."""
-        if self._owner == threading.get_ident():
-            self.runtime.close()
-            return
-        with self._lock:
-            self.runtime.close()
+        """Take no new calls, let those in flight (in any thread, open streams too) finish, then
+        release the runtime."""
+        self.engine.close()
 
     def __enter__(self) -> Generator:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
@@ -104,62 +117,30 @@ class Generator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the work ------------------------------------------------------------------------------
+    def _submit(self, ids: list[list[int]], options: dict, stream: bool = False) -> list[Ticket]:
+        return self.engine.enqueue(self.engine.check(ids, GenerationOptions.of(options), stream))
 
-    def _request(self, ids: list[list[int]], options: dict, stream: bool = False) -> Request:
-        graph = self.runtime.graph
-        return build_request(ids, GenerationOptions.of(options), self.tokenizer, context=self.max_context,
-                             attentions=graph.signature.attentions, graph=graph.name, stream=stream)
 
-    @contextmanager
-    def _exclusive(self):
-        if self._owner == threading.get_ident():
-            raise GenerationError(
-                "this Generator is already generating in this thread (an unfinished stream?); "
-                "exhaust or close() that stream first"
-            )
-        with self._lock:
-            self._owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._owner = None
-                self.runtime.reset()  # free the KV cache between requests
-
-    def _drain(self, req: Request) -> list[GenerationResult]:
-        it = self._run(req)
-        while True:
-            try:
-                next(it)
-            except StopIteration as done:
-                return done.value
-
-    def _run(self, req: Request) -> Iterator[tuple[int, str]]:
-        """Yields (row, text piece) as text becomes final; returns the results."""
-        with self._exclusive():
-            return (yield from decoding.run(self.runtime, self.tokenizer, req))
+def _wait(tickets: list[Ticket]) -> list[GenerationResult]:
+    """Every ticket's result; the first failure cancels the others and is raised."""
+    try:
+        return [t.wait() for t in tickets]
+    finally:
+        for t in tickets:
+            t.cancel()  # a no-op for those that finished
 
 
 class TextStream:
     """Iterate for text pieces; `result` holds the full GenerationResult once iteration ends.
-    Close it (or use `with`) if you stop early, so the Generator is free for the next request."""
+    Close it (or use `with`) if you stop early: that cancels the request and frees its batch row."""
 
-    def __init__(self, generator: Generator, req: Request):
-        self._pieces = self._iterate(generator, req)
-        self.result: GenerationResult | None = None
+    def __init__(self, ticket: Ticket):
+        self._ticket = ticket
+        self._pieces: Iterator[str] = iter(ticket)
 
-    def _iterate(self, generator: Generator, req: Request) -> Iterator[str]:
-        run = generator._run(req)
-        try:
-            while True:
-                try:
-                    _, piece = next(run)
-                except StopIteration as done:
-                    self.result = done.value[0]
-                    return
-                yield piece
-        finally:
-            run.close()  # stopped early: release the Generator now, not at garbage collection
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._ticket.result
 
     def __iter__(self) -> TextStream:
         return self
@@ -168,7 +149,7 @@ class TextStream:
         return next(self._pieces)
 
     def close(self) -> None:
-        self._pieces.close()
+        self._ticket.cancel()
 
     def __enter__(self) -> TextStream:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self

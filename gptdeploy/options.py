@@ -71,6 +71,16 @@ class Request:
     stream: bool = False  # text is needed as it comes (else it is decoded once, at the end)
 
 
+def row_sampling(sampling: SamplingParams, row: int) -> SamplingParams:
+    """Row `row`'s sampling in a request of several prompts. Each row samples with its own random
+    stream, seeded `seed + row`: a row samples the same alone or among others, and row b of a
+    batch made with seed s is reproduced by its prompt alone with seed s + b (the seed its
+    result reports). Greedy rows have no seed."""
+    if sampling.greedy or row == 0:
+        return sampling
+    return replace(sampling, seed=sampling.seed + row)
+
+
 def encode(tokenizer: Tokenizer, text: object) -> list[int]:
     if not isinstance(text, str):
         raise GenerationError(f"a prompt must be a string, got {type(text).__name__}")

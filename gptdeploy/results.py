@@ -14,9 +14,9 @@ FINISH_REASONS = ("eos", "stop_token", "stop_string", "length")
 @dataclass(frozen=True)
 class Timings:
     tokens: int  # tokens generated for this row
-    time_to_first_token_s: float  # prefill + first sample, from the start of the work
+    time_to_first_token_s: float  # from queueing the request (the engine's submit) to its first token
     decode_tokens_per_s: float  # this row's tokens after the first / the time until it finished
-    total_s: float  # the whole call (a batch finishes together)
+    total_s: float  # from queueing to this request's last token
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -60,7 +60,9 @@ def _integer(v: object) -> bool:
 
 
 class Sampler:
-    """Picks one token per row; owns the per-call random stream (PCG64, seeded)."""
+    """Picks one token per row; owns a random stream (PCG64, seeded) that draws one number per row
+    per call. The engine gives every request a Sampler of its own (one row), so a request samples
+    the same alone or in a batch; options.row_sampling seeds the rows of a multi-prompt call."""
 
     def __init__(self, params: SamplingParams):
         self.params = params

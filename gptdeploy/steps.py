@@ -1,9 +1,9 @@
 """The one step loop: a left-padded prefill, then decode steps that carry the KV cache forward.
 
-Everything that drives a graph step by step goes through `Steps`: the Generator, parity, the
-quantized-graph agreement checks, held-out perplexity and the bench worker. Left padding, the
-growing attention mask and the position ids are made here, once; the runtime turns each step's
-`present.*` into the next step's `past_key_values.*`.
+A fixed batch driven step by step goes through `Steps`: parity, the quantized-graph agreement
+checks, held-out perplexity and the bench worker. Left padding and position ids are made here,
+once (`left_pad`, `positions`; the batching engine, gptdeploy/engine, prefills its joiners with
+them); the runtime turns each step's `present.*` into the next step's `past_key_values.*`.
 Shapes: B batch, L longest prompt, S positions so far (prompt + fed tokens), N room reserved.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptdeploy.bundle import Bundle
-from gptdeploy.errors import GenerationError
+from gptdeploy.errors import BackendUnavailable, GenerationError
 from gptdeploy.manifest import GraphEntry
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class StepOutput:
 
 class RuntimeBase:
     """Shared bookkeeping: cache length, shape checks that turn engine errors into clear ones,
-    context management. Subclasses implement `_prefill`, `_decode`, `_drop_cache`, `_release`."""
+    context management. Subclasses implement `_prefill`, `_decode`, `_drop_cache`, `_release`,
+    and `_take_cache` / `_put_cache` to serve the batching engine (gptdeploy/engine)."""
 
     name = "base"
 
@@ -71,6 +72,35 @@ class RuntimeBase:
         self.past_length = P + 1
         return out
 
+    # -- the KV cache on the host, for the batching engine's join and leave events ------------
+
+    @property
+    def can_move_cache(self) -> bool:
+        """Whether take_cache / put_cache work here; the engine batches continuously only then."""
+        return type(self)._put_cache is not RuntimeBase._put_cache
+
+    def take_cache(self) -> list[np.ndarray]:
+        """A host copy of the KV cache: per past name (signature order K0, V0, K1, ...), (B, nkv, P, hs)."""
+        self._check_open(False)
+        if self.past_length == 0:
+            raise GenerationError("there is no KV cache to take; run prefill first")
+        return self._take_cache()
+
+    def put_cache(self, arrays: list[np.ndarray]) -> None:
+        """Make `arrays` (as take_cache returns them) the KV cache; the next decode continues from it."""
+        self._check_open(False)
+        sig = self.graph.signature
+        n, shape = len(sig.past_names()), arrays[0].shape if arrays else ()
+        if not (len(arrays) == n and len(shape) == 4 and shape[0] >= 1 and shape[2] >= 1
+                and (shape[1], shape[3]) == (sig.kv_heads, sig.head_dim)
+                and all(a.shape == shape and a.dtype == np.dtype(sig.kv_dtype) for a in arrays)):
+            raise GenerationError(
+                f"put_cache needs {n} {sig.kv_dtype} arrays of one shape (B, {sig.kv_heads}, P>=1, "
+                f"{sig.head_dim}); got {len(arrays)}, the first {shape} {arrays[0].dtype if arrays else ''}"
+            )
+        self._put_cache([np.ascontiguousarray(a) for a in arrays])
+        self._batch, self.past_length = shape[0], shape[2]
+
     def reset(self) -> None:
         self._drop_cache()
         self.past_length = 0
@@ -103,6 +133,16 @@ class RuntimeBase:
 
     def _decode(self, next_ids, attention_mask, position_ids, record_attention) -> StepOutput:
         raise NotImplementedError
+
+    def _take_cache(self) -> list[np.ndarray]:
+        raise BackendUnavailable(self._no_cache_surgery())
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        raise BackendUnavailable(self._no_cache_surgery())
+
+    def _no_cache_surgery(self) -> str:
+        return (f"the {self.name} runtime cannot move its KV cache to the host, which continuous batching "
+                "needs when requests join or leave; serve with a CPU backend (--backend ort)")
 
     def _drop_cache(self) -> None:
         raise NotImplementedError

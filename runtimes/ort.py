@@ -85,6 +85,7 @@ class OrtRuntime(RuntimeBase):
         self._binding = C.SessionIOBinding(self._session._sess)  # reused every step; only bindings change
         self._past: list = []  # this runtime's KV cache: C-level OrtValues, never numpy
         self._keep: tuple = ()  # numpy buffers the binding points into, alive until the next step
+        self._held: list[np.ndarray] = []  # put_cache's arrays, which the next step's pasts wrap
 
     def _prefill(self, input_ids, attention_mask, position_ids, record_attention) -> StepOutput:
         B = input_ids.shape[0]
@@ -97,7 +98,18 @@ class OrtRuntime(RuntimeBase):
         )
 
     def _decode(self, next_ids, attention_mask, position_ids, record_attention) -> StepOutput:
-        return self._run(next_ids, attention_mask, position_ids, self._past, record_attention)
+        out = self._run(next_ids, attention_mask, position_ids, self._past, record_attention)
+        self._held = []  # the presents just made are onnxruntime's own: put_cache's arrays are free
+        return out
+
+    def _take_cache(self) -> list[np.ndarray]:
+        return [value.numpy() for value in self._past]  # host copies, (B, nkv, P, hs) each
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        # ortvalue_from_numpy wraps the buffer without copying: keep the arrays alive until a step
+        # has read them (the next decode's presents are new values).
+        self._held = arrays
+        self._past = [C.OrtValue.ortvalue_from_numpy(a, self._cpu) for a in arrays]
 
     def _run(self, ids, mask, pos, past: list, record_attention: bool, *keep) -> StepOutput:
         b = self._binding
@@ -151,6 +163,7 @@ class OrtRuntime(RuntimeBase):
     def _drop_cache(self) -> None:
         self._past = []
         self._keep = ()
+        self._held = []
         if getattr(self, "_binding", None) is not None:
             self._binding.clear_binding_inputs()
             self._binding.clear_binding_outputs()

@@ -230,6 +230,30 @@ class OrtCudaRuntime(RuntimeBase):
             logits=np.ascontiguousarray(logits[:, -1, :], dtype=np.float32), attentions=attentions
         )
 
+    def _take_cache(self) -> list[np.ndarray]:
+        # OrtValue.numpy() copies a whole (capacity) buffer from the GPU: a cost paid at the batching
+        # engine's join/leave events only, never per step. On the CPU it is a view of the buffer the
+        # next prefill overwrites, hence the copy.
+        shape = self._cache_shape(self._batch, self.past_length)
+        n = int(np.prod(shape))
+        return [self._kv[present][self._side].numpy()[:n].reshape(shape).copy()
+                for present in self.graph.signature.present_names()]
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        B, P = arrays[0].shape[0], arrays[0].shape[2]
+        if P + 1 > self.max_context:
+            raise ContextOverflowError(f"{P + 1} positions exceed the model's {self.max_context}")
+        self._ensure_kv(B)
+        for present, array in zip(self.graph.signature.present_names(), arrays):
+            buffer = self._kv[present][self._side]
+            flat = np.zeros(buffer.shape(), dtype=self._kv_dtype)  # update_inplace takes the whole buffer
+            flat[: array.size] = array.ravel()
+            buffer.update_inplace(flat)  # host -> device copy into the same allocation
+
+    def _cache_shape(self, B: int, P: int) -> tuple[int, int, int, int]:
+        sig = self.graph.signature
+        return (B, sig.kv_heads, P, sig.head_dim)
+
     def _drop_cache(self) -> None:
         self._side = 0  # buffers stay allocated; the next prefill overwrites them
         if getattr(self, "_binding", None) is not None:

@@ -43,6 +43,12 @@ class SessionRuntime(RuntimeBase):
         attentions = [outs[n] for n in sig.attention_names()] if record_attention else None
         return StepOutput(outs[io.LOGITS][:, -1, :], attentions, outs)  # logits (B, V)
 
+    def _take_cache(self) -> list[np.ndarray]:
+        return [self._past[n].copy() for n in self.graph.signature.past_names()]
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        self._past = dict(zip(self.graph.signature.past_names(), arrays))
+
     def _drop_cache(self) -> None:
         self._past = {}
 

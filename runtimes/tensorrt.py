@@ -206,6 +206,26 @@ class TensorRTRuntime(RuntimeBase):
             out.append(array)
         return out
 
+    def _take_cache(self) -> list[np.ndarray]:
+        """The pasts of the next step, kv[present][side]: contiguous (B, kvh, P, hs) at the buffer's start."""
+        sig = self.graph.signature
+        shape = (self._batch, sig.kv_heads, self.past_length, sig.head_dim)
+        out = [np.empty(shape, self._dtype[present]) for present in sig.present_names()]
+        for present, array in zip(sig.present_names(), out):
+            self._stream.to_host(array, self._kv[present][self._side].ptr)
+        self._stream.synchronize()
+        return out
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        B, P = arrays[0].shape[0], arrays[0].shape[2]
+        self._check_limits(B, P + 1)  # the next decode step must fit the engine
+        sig = self.graph.signature
+        names = sig.present_names()
+        host = [np.ascontiguousarray(a, dtype=self._dtype[present]) for present, a in zip(names, arrays)]
+        for present, array in zip(names, host):
+            self._stream.to_device(self._kv[present][self._side].ptr, array)
+        self._stream.synchronize()  # the host arrays may go after this
+
     def _drop_cache(self) -> None:
         self._side = 0  # device buffers stay allocated; the next prefill overwrites them
 

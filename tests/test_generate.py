@@ -475,7 +475,7 @@ def test_bundle_problems_are_bundle_errors(tmp_path):
 # ---------------------------------------------------------------------------------- threads
 
 
-def test_concurrent_calls_are_serialized_and_each_gets_its_own_result(small):
+def test_concurrent_calls_are_batched_and_each_gets_its_own_result(small):
     prompts = PROMPTS * 2
     alone = [small.generate(p, max_new_tokens=16).token_ids for p in prompts]
     got: dict[int, list[int]] = {}
@@ -496,27 +496,30 @@ def test_concurrent_calls_are_serialized_and_each_gets_its_own_result(small):
     assert [got[i] for i in range(len(prompts))] == alone
 
 
-def test_an_open_stream_blocks_same_thread_reentry_with_a_clear_error(small):
+def test_a_call_while_a_stream_is_open_in_the_same_thread_shares_the_engine(small):
+    """The engine runs every request on its own thread: an unfinished stream no longer blocks its
+    thread's next call (it did under the old lock), and both get their results alone."""
+    whole, hi = small.generate(EN, max_new_tokens=20).text, small.generate("hi", max_new_tokens=5).token_ids
     stream = small.stream(EN, max_new_tokens=20)
-    next(stream)
-    with pytest.raises(GenerationError, match="unfinished stream"):
-        small.generate("hi", max_new_tokens=2)
-    stream.close()
-    assert small.generate("hi", max_new_tokens=2).timings.tokens == 2
-    with small.stream(EN, max_new_tokens=20) as s:  # leaving the with-block frees the Generator too
+    first = next(stream)
+    assert small.generate("hi", max_new_tokens=5).token_ids == hi  # while the stream is open, here
+    assert first + "".join(stream) == whole
+    with small.stream(EN, max_new_tokens=20) as s:  # leaving the with-block cancels the request
         next(s)
     assert small.generate("hi", max_new_tokens=2).timings.tokens == 2
 
 
-def test_close_waits_for_other_threads_and_an_open_stream_then_fails_cleanly():
+def test_close_lets_requests_in_flight_finish_then_refuses_new_ones():
     gen = Generator.load(made("small").bundle, threads=1)
+    whole = gen.generate(EN, max_new_tokens=30).text
     stream = gen.stream(EN, max_new_tokens=30)
-    next(stream)
-    gen.close()  # same thread as the open stream: closes at once
-    with pytest.raises(GenerationError, match="closed"):
-        list(stream)
+    first = next(stream)
+    gen.close()  # waits for the open stream's request, in this thread or any other
+    assert first + "".join(stream) == whole and stream.result.text == whole
     with pytest.raises(GenerationError, match="closed"):
         gen.generate("hi", max_new_tokens=2)
+    with pytest.raises(GenerationError, match="closed"):
+        gen.stream("hi", max_new_tokens=2)
     gen.close()  # twice is fine
 
 

@@ -21,7 +21,9 @@ CONTRACT = {
 # The run path: what an application embedding the Generator (or writing audit logs) loads.
 RUN_PATH = {
     "gptdeploy.steps", "gptdeploy.sampling", "gptdeploy.textstate", "gptdeploy.tokenizer",
-    "gptdeploy.options", "gptdeploy.results", "gptdeploy.decoding", "gptdeploy.generate", "gptdeploy.chat",
+    "gptdeploy.options", "gptdeploy.results", "gptdeploy.generate", "gptdeploy.chat",
+    "gptdeploy.engine", "gptdeploy.engine.ticket", "gptdeploy.engine.job", "gptdeploy.engine.layout",
+    "gptdeploy.engine.loop",
 }
 TORCH_RUNTIMES = {"gptdeploy.runtimes.torch", "gptdeploy.runtimes.torch_cuda"}
 HEAVY = ("torch", "transformers", "onnx", "optimum", "safetensors")
@@ -60,7 +62,8 @@ def _under(name: str, prefix: str) -> bool:
 
 
 MODULES = _modules()
-RUNTIME_SIDE = RUN_PATH | {m for m in MODULES if _under(m, "gptdeploy.runtimes") or _under(m, "gptdeploy.audit")}
+# The server (gptdeploy/serve) runs bundles too: a serving machine installs no torch either.
+RUNTIME_SIDE = RUN_PATH | {m for m in MODULES if any(_under(m, f"gptdeploy.{p}") for p in ("runtimes", "audit", "serve"))}
 
 
 def test_the_layers_name_real_modules():

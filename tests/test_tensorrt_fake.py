@@ -207,3 +207,42 @@ def test_availability_names_what_is_missing(monkeypatch):
     b = Bundle.load(made("small").bundle)
     with pytest.raises(BackendUnavailable, match="too old"):
         TensorRTRuntime(b, b.graph())
+
+
+# -- the batching engine on the device runtimes: their KV buffers to the host and back ------------------
+
+
+def _joins_mid_batch_as_alone(runtime, tokenizer, bundle) -> None:
+    from gptdeploy.engine import Engine, EngineLimits
+
+    prompts = ["The quick brown fox", "你好", "A", "Numbers 0123"]
+    options = [{"max_new_tokens": 20}, {"max_new_tokens": 9, "temperature": 1.0, "seed": 3},
+               {"max_new_tokens": 14}, {"max_new_tokens": 5, "temperature": 0.7, "seed": 1}]
+    assert runtime.can_move_cache
+    with Engine(runtime, tokenizer, bundle, EngineLimits(max_batch=3)) as engine:
+        alone = [engine.submit(p, **o).wait().token_ids for p, o in zip(prompts, options)]
+        tickets = [engine.submit(p, **o) for p, o in zip(prompts, options)]  # 4 requests, 3 rows
+        assert [t.wait().token_ids for t in tickets] == alone
+
+
+def test_the_engine_batches_continuously_on_tensorrt(fake, bundle_dir):
+    from gptdeploy.tokenizer import Tokenizer
+
+    build_engine(bundle_dir, max_batch=3, max_context=40)
+    b = Bundle.load(bundle_dir)
+    rt = TensorRTRuntime(b, b.graph())
+    ids, mask, pos = left_padded([4, 2], b.config.vocab_size)
+    rt.prefill(ids, mask, pos)
+    cache = rt.take_cache()
+    rt.put_cache(cache)
+    np.testing.assert_array_equal(rt.take_cache()[3], cache[3])
+    with pytest.raises(GenerationError, match="batch 4 exceeds the engine's 3"):
+        rt.put_cache([np.concatenate([c, c]) for c in cache])
+    _joins_mid_batch_as_alone(rt, Tokenizer.from_bundle(b), b)
+
+
+def test_the_engine_batches_continuously_on_ort_cuda_buffers():
+    from gptdeploy.tokenizer import Tokenizer
+
+    b = Bundle.load(made("padded").bundle)
+    _joins_mid_batch_as_alone(OrtCudaRuntime(b, b.graph(), 1, device="cpu"), Tokenizer.from_bundle(b), b)

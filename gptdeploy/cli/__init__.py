@@ -3,6 +3,7 @@
     main.py      the group, and the one place that maps errors to `error: ...` and exit code 2
     export.py    export, verify
     generate.py  generate
+    serve.py     serve (the OpenAI-compatible HTTP server)
     audit.py     audit show | verify | report | export
     bench.py     bench
     engine.py    build-engine, doctor

@@ -58,11 +58,13 @@ def cli() -> None:
 def _register() -> None:
     from gptdeploy.cli.audit import audit
     from gptdeploy.cli.bench import bench
+    from gptdeploy.cli.chat import chat
     from gptdeploy.cli.engine import build_engine, doctor
     from gptdeploy.cli.export import export, verify
     from gptdeploy.cli.generate import generate
+    from gptdeploy.cli.serve import serve
 
-    for command in (export, verify, generate, audit, bench, build_engine, doctor):
+    for command in (export, verify, generate, chat, serve, audit, bench, build_engine, doctor):
         cli.add_command(command)
 
 

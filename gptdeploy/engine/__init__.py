@@ -1,0 +1,19 @@
+"""The batching engine: many requests share one runtime's decode steps (continuous batching).
+
+    ticket.py  a caller's handle: text pieces as they come, the result, cancel()
+    job.py     one request as data: options, its own sampler, stop rules, text state, timings
+    layout.py  the KV layout of the batch: right-aligned rows, merging caches when jobs join or leave
+    loop.py    Engine: the one loop that owns the runtime and advances every request a step
+
+    with Engine.load("out/sample", limits=EngineLimits(max_batch=8)) as engine:
+        ticket = engine.submit("我喜欢", max_new_tokens=40)   # from any thread
+        print(ticket.wait().text)
+        async for piece in engine.stream("你好", max_new_tokens=40): ...   # in an asyncio loop
+
+numpy only, like the rest of the run path. gptdeploy.Generator runs on it.
+"""
+
+from gptdeploy.engine.loop import Engine, EngineLimits
+from gptdeploy.engine.ticket import Ticket
+
+__all__ = ["Engine", "EngineLimits", "Ticket"]
