@@ -23,7 +23,7 @@ from gptdeploy.bundle import Bundle, write_manifest
 from gptdeploy.errors import ExportError
 from gptdeploy.exporters.agreement import AgreementReport
 from gptdeploy.hashing import sha256_file
-from gptdeploy.manifest import GraphEntry, Manifest, TokenizerEntry
+from gptdeploy.manifest import GraphEntry, Manifest
 from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)
@@ -184,16 +184,18 @@ def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_
 
     cfg, tok = source.config, source.tokenizer
     built = build_graph(source, options, tmp / GRAPH_FILE, external_data=external_data, eval_text=eval_text, stage=stage)
-    (tmp / TOKENIZER_FILE).write_text(tok.json, encoding="utf-8")
+    from gptdeploy.exporters.sources.tokenizer_files import write_bundle_files
+
+    tok_entry, tok_files = write_bundle_files(tok, tmp, TOKENIZER_FILE)  # tokenizer.json (+ chat_template.jinja)
 
     stage("writing manifest")
     name = options.precision
     weights = graph_weights(cfg, source.state, options.precision, tmp / GRAPH_FILE)  # for the torch runtime
-    files = [GRAPH_FILE, TOKENIZER_FILE] + ([built.data_file] if built.data_file else [])
+    files = [GRAPH_FILE, *tok_files] + ([built.data_file] if built.data_file else [])
     manifest = Manifest(
         config=cfg,
         graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file, weights)},
-        tokenizer=TokenizerEntry(TOKENIZER_FILE, tok.vocab_size, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id),
+        tokenizer=tok_entry,
         files={f: sha256_file(tmp / f) for f in files},
         source={"kind": source.kind, "path": str(Path(source.path).resolve()), **source.description},
         tools=tool_versions(),

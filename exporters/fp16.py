@@ -26,7 +26,7 @@ from gptdeploy import contract as io
 CPU_PATH = (
     "onnx.reference.ReferenceEvaluator (numpy) on the CPU: every op computes on fp16 values and "
     "rounds each result to fp16; MatMul takes fp16 inputs, accumulates in fp32 and rounds once "
-    "(tensor-core semantics); LayerNorm, softmax and logits run in fp32 as the graph says"
+    "(tensor-core semantics); norms, rotary, softmax and logits run in fp32 as the graph says"
 )
 STANDARD_DOMAINS = ("", "ai.onnx")  # anything else (com.microsoft) is onnxruntime-only: TensorRT refuses it
 
@@ -113,19 +113,25 @@ def typed_graph(model: onnx.ModelProto | str | Path) -> TypedGraph:
     return TypedGraph(inferred, types)
 
 
+# The fp32 islands, by the op that computes each: LayerNorm is one op; an RMSNorm is Pow ->
+# ReduceMean -> Add -> Sqrt (the ReduceMean of the squares is the only ReduceMean the canonical
+# module emits); the rotary's cos and sin are its Cos and Sin.
+ISLAND_OPS = {"LayerNormalization": "layernorm", "ReduceMean": "rmsnorm", "Sin": "rope", "Cos": "rope",
+              "Softmax": "softmax"}
+NORMS = ("layernorm", "rmsnorm")
+
+
 def _island_nodes(tg: TypedGraph) -> dict[str, list[onnx.NodeProto]]:
-    """The nodes the fp16 rules are about, by kind: LayerNorm, Softmax, the lm_head Gemm, MatMuls
-    with a weight operand, and ops outside standard ONNX."""
+    """The nodes the fp16 rules are about, by kind: LayerNorm, RMSNorm, rotary, Softmax, the
+    lm_head Gemm, MatMuls with a weight operand, and ops outside standard ONNX."""
     g, inits = tg.graph, {t.name for t in tg.graph.initializer}
-    kinds = ("layernorm", "softmax", "lm_head", "weight_matmul", "non_standard")
+    kinds = (*dict.fromkeys(ISLAND_OPS.values()), "lm_head", "weight_matmul", "non_standard")
     out: dict[str, list] = {kind: [] for kind in kinds}
     for node in g.node:
         if node.domain not in STANDARD_DOMAINS:
             out["non_standard"].append(node)
-        elif node.op_type == "LayerNormalization":
-            out["layernorm"].append(node)
-        elif node.op_type == "Softmax":
-            out["softmax"].append(node)
+        elif node.op_type in ISLAND_OPS:
+            out[ISLAND_OPS[node.op_type]].append(node)
         elif node.op_type == "Gemm" and io.LOGITS in _consumers_until_output(g, node):
             out["lm_head"].append(node)
         elif node.op_type == "MatMul" and node.input[1] in inits:
@@ -134,11 +140,12 @@ def _island_nodes(tg: TypedGraph) -> dict[str, list[onnx.NodeProto]]:
 
 
 def precision_islands(model: onnx.ModelProto | TypedGraph) -> dict[str, list[str]]:
-    """Element types the graph computes in, by the ops that matter: what LayerNorm, Softmax and
-    the lm_head read, what the weight MatMuls read, and which ops are not standard ONNX."""
+    """Element types the graph computes in, by the ops that matter: what the norms, the rotary,
+    Softmax and the lm_head read, what the weight MatMuls read, and which ops are not standard ONNX."""
     tg = model if isinstance(model, TypedGraph) else typed_graph(model)
     nodes = _island_nodes(tg)
-    out = {kind: [tg.dtype(n.input[0]) for n in nodes[kind]] for kind in ("layernorm", "softmax", "lm_head")}
+    kinds = (*dict.fromkeys(ISLAND_OPS.values()), "lm_head")
+    out = {kind: [tg.dtype(n.input[0]) for n in nodes[kind]] for kind in kinds}
     out["weight_matmul"] = [tg.dtype(n.input[1]) for n in nodes["weight_matmul"]]
     out["non_standard"] = [f"{n.op_type} ({n.domain})" for n in nodes["non_standard"]]
     return out
@@ -166,13 +173,14 @@ class PrecisionCheck:
 
 def check_precision(tg: TypedGraph, precision: str | None = None) -> PrecisionCheck:
     """The fp16 rules (DESIGN.md, TensorRT), checked once for export, verify and build-engine. Every
-    graph: LayerNorm, Softmax, the lm_head and the logits / attentions outputs in float32, past and
-    present KV of one dtype. A graph declared "fp16" also: fp16 weights and KV cache, each fp32 island
-    present, standard ONNX only (TensorRT's parser refuses onnxruntime contrib ops)."""
+    graph: the norms (LayerNorm, RMSNorm), the rotary's cos/sin, Softmax, the lm_head and the
+    logits / attentions outputs in float32, past and present KV of one dtype. A graph declared
+    "fp16" also: fp16 weights and KV cache, a norm, Softmax and lm_head present, standard ONNX only
+    (TensorRT's parser refuses onnxruntime contrib ops)."""
     nodes, io_types = _island_nodes(tg), tg.io_types()
     kept: Counter = Counter()
     problems: list[str] = []
-    for node in [*nodes["layernorm"], *nodes["softmax"]]:
+    for node in [n for kind in dict.fromkeys(ISLAND_OPS.values()) for n in nodes[kind]]:
         wrong = [n for n in (node.input[0], node.output[0]) if tg.types.get(n) != TensorProto.FLOAT]
         if wrong:
             problems.append(
@@ -212,7 +220,9 @@ def _fp16_only(tg: TypedGraph, nodes: dict, kv: list[str], io_types: dict[str, s
     if nodes["non_standard"]:
         found = sorted({f"{n.op_type} ({n.domain})" for n in nodes["non_standard"]})
         problems.append(f"non-standard ops {found}; TensorRT's parser refuses onnxruntime contrib ops")
-    for kind in ("layernorm", "softmax", "lm_head"):
+    if not any(nodes[kind] for kind in NORMS):
+        problems.append("no layernorm or rmsnorm found; an fp16 graph computes its norms in float32")
+    for kind in ("softmax", "lm_head"):
         if not nodes[kind]:
             problems.append(f"no {kind} found; an fp16 graph computes its {kind} in float32")
     weights = sorted({tg.dtype(n.input[1]) for n in nodes["weight_matmul"]})

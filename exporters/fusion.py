@@ -12,13 +12,12 @@ Three passes, and the report says what each one actually did:
                                              attention_bias)─ y (B, T, C), present.{i}.key/.value
        allowed (B, 1, T, S) ─Where(0, finfo.min)─ attention_bias   (computed once, shared)
    The additive bias is the mask the unfused graph applies (finfo.min, not -inf): a fully
-   masked row stays finite and uniform, exactly as before.
-2. onnxruntime's transformer optimizer (`optimize_model`, model_type gpt2) for the GELU and
-   LayerNorm fusions (FastGelu with its bias, SkipLayerNormalization). Its GPT-2 post-pass
-   rewrites every Gemm fed by a Reshape of a LayerNorm as MatMul + Add of `input[2]`, which
-   ignores transB and crashes on a Gemm without bias: right for the old HF export, wrong for
-   our tied lm_head. So during the pass the lm_head reads `Transpose(wte)` through a MatMul,
-   and is turned back into Gemm(transB=1) on the one stored matrix afterwards.
+   masked row stays finite and uniform, exactly as before. The pass reads the model's
+   description (`attention_unfusable`): with rotary positions, grouped-query attention, q/k
+   norms or a sliding window, something sits between the projection and the op (or the op
+   cannot express it), so the layers stay unfused and the report says why.
+2. onnxruntime's transformer optimizer for the norm and GELU fusions (SkipLayerNormalization,
+   (Skip)SimplifiedLayerNormalization, FastGelu / BiasGelu): exporters/ort_fusions.py.
 
 3. For a graph that ships as fp32 (not one about to be quantized): `gemv.linears_as_gemv`, every
    Linear as Gemm(transB=1) on an unpacked (N, K) weight, which decodes ~14% faster on
@@ -39,10 +38,17 @@ from onnx import helper, numpy_helper
 from gptdeploy import contract as io
 from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
+from gptdeploy.exporters.graph_edits import (
+    MS_DOMAIN,
+    ensure_opset,
+    insert_after,
+    insert_before,
+    remove_dead_nodes,
+)
+from gptdeploy.exporters.ort_fusions import run_ort_optimizer
 
 log = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 _BIAS = "attention_bias"  # (B, 1, T, S) fp32 additive mask, shared by every layer
 
 
@@ -82,7 +88,7 @@ def fuse_graph(
         report.notes.append(f"attention not fused: {problem}")
     else:
         report.attention = config.n_layer
-    report.optimizer = _run_ort_optimizer(fused, config, report)
+    report.optimizer = run_ort_optimizer(fused, config, report.notes)
     if decode_layout:
         from gptdeploy.exporters.gemv import linears_as_gemv
 
@@ -94,13 +100,30 @@ def fuse_graph(
 # ------------------------------------------------------------------------------------ attention
 
 
+def attention_unfusable(config: GPTConfig) -> str | None:
+    """Why this model's attention is not ours to fuse, read from its description, or None.
+
+    The pass rewrites everything from the qkv projection to the output projection as one
+    MultiHeadAttention: nothing may sit in between that the op does not compute itself."""
+    if config.rope is not None:
+        return "rotary positions (the rotary sits between the qkv projection and MultiHeadAttention)"
+    if config.kv_heads != config.n_head:
+        return "grouped-query attention (MultiHeadAttention needs as many key/value heads as query heads)"
+    if config.qk_norm:
+        return "q/k norms (they sit between the qkv projection and MultiHeadAttention)"
+    if config.sliding_window is not None:
+        return "sliding-window attention (the pass shares one causal mask between all layers)"
+    return None
+
+
 def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignature) -> str | None:
     """Rewrite every layer's attention as MultiHeadAttention, in place. Returns why not, or None.
 
     Checks every layer first and changes nothing unless all of them match.
     """
-    if config.kv_heads != config.n_head:
-        return "grouped-query attention (MultiHeadAttention needs as many key/value heads as query heads)"
+    why = attention_unfusable(config)
+    if why:
+        return why
     g = proto.graph
     by_name = {n.name: n for n in g.node}
     producers = {o: n for n in g.node for o in n.output}
@@ -121,7 +144,7 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
         numpy_helper.from_array(np.array([C, kv, kv], np.int64), "attn.qkv_split"),
     ])
     where = helper.make_node("Where", [mask.output[0], f"{_BIAS}.allowed", f"{_BIAS}.masked"], [_BIAS], name="/m/attention_bias")
-    _insert_after(g, mask, [where])
+    insert_after(g, mask, [where])
     for i, (qkv, c_proj, scale) in enumerate(plans):
         p = f"/m/h.{i}/attn"
         q, k, v = (f"{p}/{s}" for s in ("q", "k", "v"))
@@ -138,7 +161,7 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
                     node.output[j] = f"{out}/unfused"
         c_proj.input[0] = mha.output[0]
         insert_before(g, c_proj, [split, mha])
-    _ensure_opset(proto, MS_DOMAIN)
+    ensure_opset(proto, MS_DOMAIN)
     remove_dead_nodes(g)
     return None
 
@@ -176,98 +199,4 @@ def _scalar_input(node: onnx.NodeProto, producers, g) -> float | None:
     return None
 
 
-# ---------------------------------------------------------------------- onnxruntime's optimizer
-
-
-def _run_ort_optimizer(proto: onnx.ModelProto, config: GPTConfig, report: FusionReport) -> dict[str, int]:
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    before = {n.op_type for n in proto.graph.node}
-    restore = _hide_tied_gemm(proto)
-    quiet = [logging.getLogger(n) for n in ("onnx_model", "fusion_base", "fusion_utils", "onnx_model_bert",
-                                             "fusion_skiplayernorm", "onnx_model_gpt2", "optimizer")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)  # the optimizer logs warnings about passes that do not apply to us
-    try:
-        optimized = optimize_model(
-            proto, model_type="gpt2", num_heads=config.n_head, hidden_size=config.n_embd, opt_level=0
-        )
-        # Its statistics count ops present afterwards; keep those it created (not ours, not LayerNorm).
-        stats = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v and k not in before}
-        new = optimized.model
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
-    restore(new)
-    proto.CopyFrom(new)
-    if not any(k in stats for k in ("FastGelu", "Gelu", "BiasGelu")):
-        report.notes.append("onnxruntime fused no GELU")
-    if "SkipLayerNormalization" not in stats:
-        report.notes.append("onnxruntime fused no residual Add into SkipLayerNormalization")
-    return stats
-
-
-def _hide_tied_gemm(proto: onnx.ModelProto):
-    """Replace the lm_head Gemm(transB=1) by MatMul(x, Transpose(wte)); returns the inverse."""
-    g = proto.graph
-    gemm = next((n for n in g.node if n.op_type == "Gemm"), None)
-    if gemm is None:
-        return lambda p: None
-    x, wte = gemm.input[0], gemm.input[1]
-    wte_t = f"{gemm.name}/wte_T"
-    matmul_name = f"{gemm.name}/MatMul"
-    transpose = helper.make_node("Transpose", [wte], [wte_t], name=f"{gemm.name}/Transpose", perm=[1, 0])
-    matmul = helper.make_node("MatMul", [x, wte_t], list(gemm.output), name=matmul_name)
-    insert_before(g, gemm, [transpose, matmul])
-    g.node.remove(gemm)
-
-    def restore(p: onnx.ModelProto) -> None:
-        graph = p.graph
-        mm = next(n for n in graph.node if n.name == matmul_name)
-        tr = next(n for n in graph.node if n.output[0] == mm.input[1])
-        back = helper.make_node("Gemm", [mm.input[0], tr.input[0]], list(mm.output), name=gemm.name, transB=1)
-        insert_before(graph, mm, [back])
-        graph.node.remove(mm)
-        graph.node.remove(tr)
-
-    return restore
-
-
-# ---------------------------------------------------------------------------------- graph edits
-
-
-def insert_before(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
-    i = list(g.node).index(anchor)
-    for j, n in enumerate(nodes):
-        g.node.insert(i + j, n)
-
-
-def _insert_after(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
-    i = list(g.node).index(anchor) + 1
-    for j, n in enumerate(nodes):
-        g.node.insert(i + j, n)
-
-
-def _ensure_opset(proto: onnx.ModelProto, domain: str) -> None:
-    if not any(o.domain == domain for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(domain, 1))
-
-
-def remove_dead_nodes(g: onnx.GraphProto) -> None:
-    """Drop nodes (and initializers) nothing downstream of the graph outputs needs."""
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output if o):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    unused = [t for t in g.initializer if t.name not in needed]
-    for t in unused:
-        g.initializer.remove(t)
-
-
-__all__ = ["FusionReport", "fuse_attention", "fuse_graph", "insert_before", "remove_dead_nodes"]
+__all__ = ["FusionReport", "attention_unfusable", "fuse_attention", "fuse_graph", "insert_before", "remove_dead_nodes"]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from gptdeploy.exporters.fusion import insert_before
+from gptdeploy.exporters.graph_edits import insert_before
 
 
 def linears_as_gemv(proto: onnx.ModelProto, input_ids: str) -> int:

@@ -115,7 +115,9 @@ def export_onnx(
         )
     proto = onnx.load(str(tmp_path))
     _cleanup_trace_files(tmp_path, proto)
-    _tie_lm_head(proto)
+    tied = model.config.tie_word_embeddings
+    head = model.wte.weight if tied else model.lm_head.weight  # (V, C) in the model dtype
+    _lm_head_gemm(proto, "wte.weight" if tied else "lm_head.weight", head.detach().cpu().numpy())
     _name_weights(proto)
     return sig, save_graph(proto, path, external_data)
 
@@ -176,9 +178,9 @@ def expose_gemv_weights(proto: onnx.ModelProto) -> None:
     onnxruntime does not treat an overridable initializer as constant, so it does not pre-pack
     it: the Gemm reads the stored (N, K) matrix in place, row by row. Two graphs use this:
 
-    - every graph's lm_head, a Gemm on the tied embedding. Pre-packing would copy the whole
-      matrix (a third of GPT-2's weights) into a private buffer while the Gather keeps the
-      original. The lm_head is a one-row GEMV at every step (decode, and prefill with
+    - every graph's lm_head, a Gemm on the (V, C) output matrix (the tied embedding, or an
+      untied lm_head). Pre-packing would copy the whole matrix (a third of GPT-2's weights)
+      into a private buffer (while the Gather keeps the original, when tied). The lm_head is a one-row GEMV at every step (decode, and prefill with
       last-position logits), where the unpacked kernel is as fast as the packed one (4.97 vs
       5.30 ms for (1, 768) x (50257, 768)^T, measured).
     - the fp32 fast graph's Linear layers (gemv.linears_as_gemv), for decode speed.
@@ -224,42 +226,44 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
-def _tie_lm_head(proto: onnx.ModelProto) -> None:
-    """Store the tied embedding once.
+def _lm_head_gemm(proto: onnx.ModelProto, name: str, head: np.ndarray) -> None:
+    """Store the output projection once, as the (V, C) matrix `head` (model dtype) named `name`.
 
-    The tracer constant-folds `wte.T` (in an fp16 model `wte.float().T`) into a second
-    initializer for the lm_head MatMul (Optimum's GPT-2 export carries both: 652 MB instead
-    of ~500 MB). We point that node at `wte` itself as Gemm(transB=1), which onnxruntime and
-    TensorRT run without materialising the transpose; an fp16 `wte` is read through a Cast,
-    so the logits are still computed in fp32 from the one stored matrix.
+    The tracer constant-folds `head.T` (fp16: `head.float().T`) into a second initializer for the
+    lm_head MatMul (Optimum's GPT-2 export carries both: 652 MB instead of ~500 MB). We point that
+    node at the (V, C) matrix as Gemm(transB=1), which onnxruntime and TensorRT run without the
+    transpose: the tied `wte` (the Gather's), or an untied `lm_head.weight`, re-made from the folded
+    copy when the tracer kept no other. An fp16 matrix is read through a Cast: fp32 logits still.
     ::
-        x (B*T, C) ──MatMul── wte_T (C, V)   =>   x (B*T, C) ──Gemm(transB=1)── [Cast fp32] ── wte (V, C)
+        x (B*T, C) ──MatMul── head_T (C, V)   =>   x (B*T, C) ──Gemm(transB=1)── [Cast fp32] ── head (V, C)
     """
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
-    wte_name = next(n for n in inits if n.endswith("wte.weight"))
-    wte = numpy_helper.to_array(inits[wte_name])  # (V, C) in the model dtype
     for i, node in enumerate(g.node):
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         cand = inits[node.input[1]]
-        if tuple(cand.dims) != wte.T.shape:
+        if tuple(cand.dims) != head.T.shape:
             continue
         folded = numpy_helper.to_array(cand)  # (C, V)
-        if not np.array_equal(folded, wte.T.astype(folded.dtype)):
+        if not np.array_equal(folded, head.T.astype(folded.dtype)):
             continue
-        name = node.name.replace("MatMul", "lm_head")
-        weight, nodes = wte_name, []
-        if folded.dtype != wte.dtype:
-            weight = f"{name}/Cast_output_0"
-            nodes.append(helper.make_node("Cast", [wte_name], [weight], name=f"{name}/Cast", to=cand.data_type))
-        nodes.append(helper.make_node("Gemm", [node.input[0], weight], list(node.output), name=name, transB=1))
+        stored = next((n for n, t in inits.items() if n.removeprefix("m.") == name and tuple(t.dims) == head.shape), None)
+        if stored is None:  # untied: the tracer kept only the folded transpose
+            stored = f"m.{name}"
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(head), stored))
+        label = node.name.replace("MatMul", "lm_head")
+        weight, nodes = stored, []
+        if head.dtype != folded.dtype:
+            weight = f"{label}/Cast_output_0"
+            nodes.append(helper.make_node("Cast", [stored], [weight], name=f"{label}/Cast", to=cand.data_type))
+        nodes.append(helper.make_node("Gemm", [node.input[0], weight], list(node.output), name=label, transB=1))
         g.node.remove(node)
         for j, new in enumerate(nodes):
             g.node.insert(i + j, new)
         g.initializer.remove(cand)
         return
-    raise RuntimeError("lm_head MatMul on the transposed embedding not found; exporter changed?")
+    raise RuntimeError("lm_head MatMul on the transposed output matrix not found; exporter changed?")
 
 
 def _name_weights(proto: onnx.ModelProto) -> None:

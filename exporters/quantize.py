@@ -6,16 +6,17 @@ What is quantized, what stays float, and why (the manifest repeats this per bund
   `quantize_dynamic` (weights int8 per tensor, activations uint8 quantized per call, run as
   DynamicQuantizeMatMul), or int4 through `MatMulNBitsQuantizer` (blocks of 32 along the
   input axis, one fp32 scale per block, int8 activations: accuracy_level 4).
-- The output projection (lm_head): tied to the token embedding in the source, but read in
-  full at every step and a third of GPT-2-124M's weights, so it gets its own quantized
-  (C, V) copy; a Gemm on the tied matrix could not be quantized (onnxruntime's dynamic
-  quantizer takes MatMul only, and neither quantized MatMul reads a transposed weight).
+- The output projection (lm_head), tied or untied: read in full at every step and a third of
+  GPT-2-124M's weights. A tied head gets its own quantized (C, V) copy of the embedding, an
+  untied one is quantized as it is; a Gemm on the (V, C) matrix could not be quantized
+  (onnxruntime's dynamic quantizer takes MatMul only, and neither quantized MatMul reads a
+  transposed weight).
 - The token and position embeddings (wte, wpe) stay float: a Gather reads one row per
   token, so quantizing them saves disk, not time, and adds noise to every input. They are
   stored as fp16 (relative rounding 2^-11, ~100x finer than an int8 step) and cast to fp32
   after the Gather, which halves the largest float tensor.
-- LayerNorm weights and all biases stay fp32: 0.1% of the weights, and the LayerNorm
-  statistics are where low precision hurts most.
+- Norm weights (LayerNorm, RMSNorm, q/k norms), all biases and the rotary's frequencies stay
+  fp32: 0.1% of the weights, and the norm statistics are where low precision hurts most.
 """
 
 from __future__ import annotations
@@ -91,17 +92,22 @@ def _inits(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def untie_lm_head(proto: onnx.ModelProto) -> None:
-    """Gemm(x, wte, transB=1) -> MatMul(x, lm_head.weight), lm_head.weight a (C, V) copy of wte.T.
+    """Gemm(x, W (V, C), transB=1) -> MatMul(x, lm_head.weight (C, V)), quantized next. A tied W is
+    wte, which the Gather keeps reading: lm_head.weight is a (C, V) copy of wte.T. An untied W is
+    lm_head.weight itself, read by this Gemm alone: transposed in place (no second copy).
     ::
-        x ──Gemm(transB=1)── wte (V, C)     =>     x ──MatMul── lm_head.weight (C, V)   (quantized next)
+        x ──Gemm(transB=1)── W (V, C)     =>     x ──MatMul── lm_head.weight (C, V)   (quantized next)
     """
     g = proto.graph
     inits = _inits(proto)
     gemm = next((n for n in g.node if n.op_type == "Gemm" and n.input[1] in inits), None)
     if gemm is None or not any(a.name == "transB" and a.i == 1 for a in gemm.attribute):
-        raise RuntimeError("tied lm_head Gemm(transB=1) on wte not found; exporter changed?")
-    wte = numpy_helper.to_array(inits[gemm.input[1]])  # (V, C)
-    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(wte.T), LM_HEAD))  # (C, V)
+        raise RuntimeError("lm_head Gemm(transB=1) on the output matrix not found; exporter changed?")
+    head = inits[gemm.input[1]]
+    readers = sum(name == head.name for n in g.node for name in n.input)
+    if readers == 1:  # untied: nothing else reads it
+        g.initializer.remove(head)
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(head).T), LM_HEAD))
     i = list(g.node).index(gemm)
     name = gemm.name if "lm_head" in gemm.name else gemm.name + "/lm_head"
     inputs = [gemm.input[0], LM_HEAD]
@@ -187,7 +193,7 @@ def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list
         if t.name in tables:
             why = "Gather table: one row read per token; stored fp16, cast to fp32 after the Gather"
         elif "ln_" in t.name or t.name.endswith("bias") or len(t.dims) <= 1:
-            why = "LayerNorm parameter or bias: 0.1% of the weights"
+            why = "norm parameter, bias or rotary frequency: 0.1% of the weights"
         else:
             continue  # graph constants (shapes, split sizes)
         report.float_tensors[t.name] = f"{helper.tensor_dtype_to_np_dtype(t.data_type).name}: {why}"

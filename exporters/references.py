@@ -1,13 +1,15 @@
 """The source frameworks' own forwards, which parity compares every export against.
 
-HFReference runs transformers' GPT2LMHeadModel itself. NanoGPTReference re-implements nanoGPT's
-model.py forward on nanoGPT's state-dict names; it deliberately does not import
-gptdeploy.modeling, because it is the independent check of that module.
-Shapes: B batch, S sequence, C embedding, nh heads, hs head size, V vocab.
+HFReference runs transformers' own model class for the directory (AutoModelForCausalLM: GPT-2,
+Llama, Mistral, Qwen2/3, GPT-NeoX). NanoGPTReference re-implements nanoGPT's model.py forward
+on nanoGPT's state-dict names; it deliberately does not import gptdeploy.modeling, because it
+is the independent check of that module.
+Shapes: B batch, S sequence, C embedding, nh heads, nkv kv heads, hs head size, V vocab.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -19,11 +21,17 @@ from gptdeploy.exporters.sources.base import ReferenceOutput
 
 
 class HFReference:
-    """transformers' GPT2LMHeadModel, float32, eager attention (the only kind that returns probabilities)."""
+    """transformers' own model, float32 (bf16/fp16 checkpoints upcast), eager attention (the only
+    kind that returns probabilities: per query head, GQA expanded; keys/values per kv head).
 
-    def __init__(self, path: Path):
+    per_row: run each row alone, without its padding. For sliding-window models: transformers
+    builds the window on cache slots, where left padding counts; gptdeploy counts each row's own
+    token positions, which is what the row means, and what it computes alone.
+    """
+
+    def __init__(self, path: Path, per_row: bool = False):
         import transformers
-        from transformers import GPT2LMHeadModel
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
@@ -33,10 +41,10 @@ class HFReference:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a library call should not draw on the user's terminal
         try:
-            model = GPT2LMHeadModel.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 str(path), attn_implementation="eager", local_files_only=True, **dtype
             )
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise SourceError(
                 f"transformers cannot load {path}: {' '.join(str(exc).split())[:300]}"
             ) from None
@@ -44,12 +52,25 @@ class HFReference:
             if bars:
                 hf_logging.enable_progress_bar()
         self.model = model.eval()
-        self.name = f"transformers {transformers.__version__} GPT2LMHeadModel (eager attention)"
+        self.per_row = per_row
+        # A cache without the config: transformers' default one keeps only the last window - 1
+        # keys of a sliding layer, and parity compares every key. `cache` since 5.x, before `past_key_values`.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        rows = ", each row alone" if per_row else ""
+        self.name = f"transformers {transformers.__version__} {type(model).__name__} (eager attention{rows})"
 
     @torch.no_grad()
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> ReferenceOutput:
+        if not self.per_row:
+            return self._forward(input_ids, attention_mask, position_ids)
+        return _row_by_row(self._forward, input_ids, attention_mask, position_ids)
+
+    def _forward(self, input_ids, attention_mask, position_ids) -> ReferenceOutput:
+        from transformers import DynamicCache
+
         out = self.model(
             input_ids=input_ids,  # (B, S)
             attention_mask=attention_mask,  # (B, S)
@@ -57,10 +78,37 @@ class HFReference:
             output_attentions=True,
             use_cache=True,
             return_dict=True,
+            **{self._cache_arg: DynamicCache()},
         )
-        keys, values = _cache_tensors(out)  # per layer (B, nh, S, hs)
+        keys, values = _cache_tensors(out)  # per layer (B, nkv, S, hs)
         attentions = [a.float() for a in out.attentions]  # per layer (B, nh, S, S)
         return ReferenceOutput(out.logits.float(), keys, values, attentions)  # logits (B, S, V)
+
+
+def _row_by_row(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> ReferenceOutput:
+    """`forward` on each left-padded row's real tokens alone, placed back at their columns; pad
+    positions hold zeros (parity compares real positions only, and a real query's probability of
+    a pad key is exactly 0 on both sides)."""
+    B, S = ids.shape
+    out = None
+    for b in range(B):
+        start = S - int(mask[b].sum())
+        if not bool(mask[b, start:].all()):
+            raise ValueError("the per-row reference needs left padding (every row's real tokens last)")
+        r = forward(ids[b : b + 1, start:], mask[b : b + 1, start:], pos[b : b + 1, start:])
+        if out is None:
+            out = ReferenceOutput(
+                torch.zeros(B, S, r.logits.shape[-1]),  # (B, S, V)
+                [torch.zeros(B, k.shape[1], S, k.shape[-1]) for k in r.keys],  # (B, nkv, S, hs)
+                [torch.zeros(B, v.shape[1], S, v.shape[-1]) for v in r.values],
+                [torch.zeros(B, a.shape[1], S, S) for a in r.attentions],  # (B, nh, S, S)
+            )
+        out.logits[b, start:] = r.logits[0]
+        for full, t in zip(out.keys + out.values, r.keys + r.values):
+            full[b, :, start:] = t[0]  # (nkv, n, hs)
+        for full, t in zip(out.attentions, r.attentions):
+            full[b, :, start:, start:] = t[0]  # (nh, n, n)
+    return out
 
 
 def _cache_tensors(out) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

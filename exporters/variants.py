@@ -111,7 +111,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     built = BuiltGraph(sig, data_file, report, {"fused": False})
     if not options.fused:
         return built
-    stage("fusing attention, GELU and LayerNorm for onnxruntime")
+    stage("fusing attention, norms and GELU for onnxruntime")
     fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, decode_layout=options.precision == "fp32")
     built.graph_info["fusion"] = fusion.to_dict()
     with tempfile.TemporaryDirectory(prefix=".fused-", dir=path.parent) as tmp:
@@ -138,7 +138,7 @@ def _fp16(model, options, path, external_data, reference, inputs, stage) -> Buil
     from gptdeploy.exporters.onnx import export_onnx
     from gptdeploy.modeling import to_fp16
 
-    stage(f"tracing {model.config.n_layer}-layer model to ONNX (fp16, fp32 LayerNorm/softmax/logits)")
+    stage(f"tracing {model.config.n_layer}-layer model to ONNX (fp16, fp32 norms/rotary/softmax/logits)")
     sig, data_file = export_onnx(
         to_fp16(model), path, attentions=options.attentions, last_logits_only=options.last_logits_only,
         external_data=external_data,

@@ -116,8 +116,9 @@ def load_graph_model(bundle: Bundle, graph: GraphEntry, backend: str) -> GPT:
 
 class TorchRuntime(RuntimeBase):
     """On the CPU in fp32 (the reference). On a GPU (`torch-cuda`), in the graph's precision:
-    an fp16 graph runs as `to_fp16` makes the model (fp16 weights and KV cache, LayerNorm,
-    softmax and logits in fp32), which is the PyTorch-eager fp16 baseline for TensorRT."""
+    an fp16 graph runs as `to_fp16` makes the model (fp16 weights and KV cache; norms, rotary,
+    softmax and logits in fp32), which is the PyTorch-eager fp16 baseline for TensorRT. Every
+    family: the manifest's model config describes the block, and the weights map names its tensors."""
 
     name = "torch"
 
@@ -165,6 +166,13 @@ class TorchRuntime(RuntimeBase):
         if self.device.type != "cuda":
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def _take_cache(self) -> list[np.ndarray]:  # K0, V0, K1, V1, ... as the signature orders pasts
+        return [t.float().cpu().numpy().astype(self.graph.signature.kv_dtype) for kv in self._past for t in kv]
+
+    def _put_cache(self, arrays: list[np.ndarray]) -> None:
+        t = [torch.from_numpy(a).to(self.device, self._kv_dtype) for a in arrays]
+        self._past = list(zip(t[0::2], t[1::2]))
 
     def _drop_cache(self) -> None:
         self._past = []

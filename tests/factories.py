@@ -1,4 +1,5 @@
-"""Tiny, seeded, in-process sources for tests: HF GPT-2 directories and nanoGPT checkpoints."""
+"""Tiny, seeded, in-process sources for tests: HF directories of every family (GPT-2, Llama, Mistral,
+Qwen2, Qwen3, GPT-NeoX) made by transformers itself, and nanoGPT checkpoints."""
 
 from __future__ import annotations
 
@@ -21,7 +22,15 @@ CORPUS = (
 # Weight std: 0.02 (GPT-2's init) except where it would hide bugs. At 0.02 the MLP's inputs sit
 # near 0.1, where tanh and exact GELU differ by < 1e-6, so a mixed-up GELU kind passed a 1e-5
 # parity check (measured); c_fc at 0.2 moves them to ~1 and c_attn at 0.1 makes attention peaked.
-STD = {"attn.c_attn.weight": 0.1, "mlp.c_fc.weight": 0.2}
+# The other families: peaked attention (q, k at 0.15) so that a wrong rotary, window or mask shows,
+# and gate/up at 0.2 so that SwiGLU is not near-linear; embeddings and heads at 0.1 so that the
+# logits spread (greedy choices are not near-ties).
+STD = {
+    "attn.c_attn.weight": 0.1, "mlp.c_fc.weight": 0.2,
+    "q_proj.weight": 0.15, "k_proj.weight": 0.15, "v_proj.weight": 0.1, "query_key_value.weight": 0.15,
+    "gate_proj.weight": 0.2, "up_proj.weight": 0.2, "dense_h_to_4h.weight": 0.2,
+    "embed_tokens.weight": 0.1, "embed_in.weight": 0.1, "lm_head.weight": 0.1, "embed_out.weight": 0.1,
+}
 TOKENIZER_MERGED = 296  # BPE size before <|endoftext|>: 297 tokens in all, not a multiple of 64
 META_CHARS = (
     "\n !\"'(),-.:;?0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz你好世界我们学习模型"
@@ -109,6 +118,51 @@ def make_hf_gpt2_dir(
         (path / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     elif tokenizer is not None:
         raise ValueError(f"tokenizer must be 'json', 'vocab_merges' or None, got {tokenizer!r}")
+    return path
+
+
+# Per family: a tiny shape that breaks an assumption (GQA 3:1, MQA, head_dim != hidden / heads,
+# partial rotary), in transformers' own config names. Tests override any key.
+FAMILY_CONFIGS = {
+    "llama": dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=64),
+    "mistral": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1, intermediate_size=48,
+                    sliding_window=5),
+    "qwen2": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                  tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                  intermediate_size=48, tie_word_embeddings=True),
+    "gpt_neox": dict(hidden_size=64, num_attention_heads=4, intermediate_size=96, rotary_pct=0.25),
+}
+
+
+def make_hf_dir(
+    path: Path,
+    family: str,
+    *,
+    seed: int = 0,
+    n_layer: int = 2,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+    **config_overrides,
+) -> Path:
+    """A random transformers model of `family` (its model_type) saved with save_pretrained, plus
+    the test tokenizer. dtype "bfloat16"/"float16" saves the weights so; max_shard_size shards them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    vocab, _, tok_json = _bpe()
+    eot = vocab[EOT]
+    settings = {"vocab_size": len(vocab), "num_hidden_layers": n_layer, "max_position_embeddings": 64,
+                "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": False, **FAMILY_CONFIGS[family]}
+    config = AutoConfig.for_model(family, **{**settings, **config_overrides})
+    torch.manual_seed(seed)  # transformers' own init of anything _randomize leaves alone
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    _randomize(model, seed)
+    model = model.to(getattr(torch, dtype))
+    path = Path(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if tokenizer:
+        (path / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     return path
 
 
@@ -203,13 +257,14 @@ def make_nanogpt_ckpt(
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded weights (std: STD); LayerNorm weights near 1 and non-zero biases, so nothing is symmetric."""
+    """Seeded weights (std: STD); norm weights near 1 and non-zero biases, so nothing is symmetric."""
     g = torch.Generator().manual_seed(seed)
+    tied = model.config.tie_word_embeddings
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("lm_head.weight"):
+            if name.endswith("lm_head.weight") and tied:
                 continue  # tied to wte
-            if ".ln_" in name or name.startswith("transformer.ln_f"):
+            if ".ln_" in name or name.startswith("transformer.ln_f") or "norm" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -17,13 +17,14 @@ from gptdeploy.bundle import Bundle
 from gptdeploy.cli import cli
 from gptdeploy.errors import ExportError, ParityError
 from gptdeploy.exporters.export import export_bundle
-from tests.factories import make_hf_gpt2_dir, make_nanogpt_ckpt
+from tests.factories import make_hf_dir, make_hf_gpt2_dir, make_nanogpt_ckpt
 
 HF_SHAPES = [
     dict(n_layer=2, n_head=1, n_embd=32),
     dict(n_layer=3, n_head=3, n_embd=36, vocab_size=301),  # odd head size 12, vocab not a multiple of 64
     dict(n_layer=4, n_head=4, n_embd=64, vocab_size=333, scale_attn_by_inverse_layer_idx=True),
     dict(n_layer=2, n_head=12, n_embd=48, layer_norm_epsilon=1e-6),
+    dict(n_layer=2, n_head=2, n_embd=32, tie_word_embeddings=False),  # an untied GPT-2 head
 ]
 
 
@@ -151,10 +152,10 @@ def _bad_case(tmp_path, case):
         (tmp_path / "empty").mkdir()
         return ["export", str(tmp_path / "empty"), "-o", out], "empty directory"
     if case == "unsupported architecture":
-        d = tmp_path / "llama"
+        d = tmp_path / "model"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-        return ["export", str(d), "-o", out], "llama"
+        (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+        return ["export", str(d), "-o", out], "architecture 'bert' (BertForMaskedLM) is not supported"
     if case in ("truncated safetensors", "corrupt safetensors"):
         d = make_hf_gpt2_dir(tmp_path / "src")
         _corrupt(d / "model.safetensors", "truncate" if case.startswith("truncated") else "garbage")
@@ -169,6 +170,17 @@ def _bad_case(tmp_path, case):
         cfg["n_embd"] = 48
         (d / "config.json").write_text(json.dumps(cfg))
         return ["export", str(d), "-o", out], "do not match"
+    if case == "unsupported rope type":
+        d = make_hf_dir(tmp_path / "src", "llama")
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0}
+        (d / "config.json").write_text(json.dumps(cfg))
+        return ["export", str(d), "-o", out], "rope_type 'yarn' is not supported; supported: default, linear, llama3"
+    if case == "missing shard":
+        d = make_hf_dir(tmp_path / "src", "qwen2", max_shard_size="20KB")
+        shard = max(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values())
+        (d / shard).unlink()
+        return ["export", str(d), "-o", out], "which is missing from"
     if case == "output not empty":
         d = make_hf_gpt2_dir(tmp_path / "src")
         (tmp_path / "out").mkdir()
@@ -180,6 +192,7 @@ def _bad_case(tmp_path, case):
 @pytest.mark.parametrize("case", [
     "missing path", "empty directory", "unsupported architecture", "truncated safetensors",
     "corrupt safetensors", "truncated ckpt.pt", "weights do not match config", "output not empty",
+    "unsupported rope type", "missing shard",
 ])
 def test_cli_export_bad_input(tmp_path, case):
     args, fragment = _bad_case(tmp_path, case)

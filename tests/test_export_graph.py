@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptdeploy import contract as io
-from gptdeploy.config import GPTConfig
+from gptdeploy.config import GPTConfig, Rope
 from gptdeploy.exporters.onnx import (
     ALIGN,
     INLINE_MAX_BYTES,
@@ -200,3 +200,49 @@ def test_grouped_query_attention_exports(tmp_path):
     outs, logits, presents, _ = _run_both(model, sess, sig, B=2, P=3, T=2)
     assert outs[io.present_key(0)].shape[1] == 2
     np.testing.assert_allclose(outs[io.LOGITS], logits.numpy(), atol=LOGITS_TOL, rtol=0)
+
+
+# The other families' switches, straight on GPTConfig: the traced graph must follow the module at
+# every axis size, with windows shorter than the cache and an untied head.
+FAMILY_SWITCHES = {
+    "llama-gqa-llama3-untied": dict(
+        n_head=6, n_kv_head=2, norm="rmsnorm", mlp="swiglu", n_inner=40, bias=False, tie_word_embeddings=False,
+        rope=Rope(theta=500.0, scaling="llama3", factor=4.0, original_max_positions=16)),
+    "qwen3-window-qk-norm-head-size": dict(
+        n_head=4, n_kv_head=1, head_size=20, norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True,
+        rope=Rope(scaling="linear", factor=2.0), qk_norm=True, sliding_window=3, window_layers=(1,)),
+    "neox-partial-parallel": dict(
+        rope=Rope(dim=6), parallel_residual=True, gelu="exact", tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILY_SWITCHES, ids=FAMILY_SWITCHES)
+def family_graph(request, tmp_path_factory):
+    model = _model(**FAMILY_SWITCHES[request.param])
+    path = tmp_path_factory.mktemp("family") / "model.onnx"
+    sig, _ = export_onnx(model, path)
+    return model, path, sig, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("B,P,T,pad", [(1, 0, 1, 0), (3, 0, 7, 2), (2, 5, 1, 3), (1, 9, 3, 0), (2, 30, 1, 4)])
+def test_family_graphs_match_module_at_edge_sizes(family_graph, B, P, T, pad):
+    model, _, sig, sess = family_graph
+    outs, logits, presents, atts = _run_both(model, sess, sig, B, P, T, pad_first=pad)
+    np.testing.assert_allclose(outs[io.LOGITS], logits.numpy(), atol=LOGITS_TOL, rtol=0)
+    for i, (k, v) in enumerate(presents):
+        assert outs[io.present_key(i)].shape == (B, sig.kv_heads, P + T, sig.head_dim)
+        np.testing.assert_allclose(outs[io.present_key(i)], k.numpy(), atol=TOL, rtol=0)
+        np.testing.assert_allclose(outs[io.present_value(i)], v.numpy(), atol=TOL, rtol=0)
+        assert outs[io.attention(i)].shape == (B, model.config.n_head, T, P + T)  # per query head
+        np.testing.assert_allclose(outs[io.attention(i)], atts[i].numpy(), atol=TOL, rtol=0)
+
+
+def test_untied_head_is_stored_once_as_a_gemm(family_graph):
+    model, path, _, _ = family_graph
+    proto = onnx.load(str(path))
+    V, C = model.config.vocab_size, model.config.n_embd
+    big = sorted(t.name for t in proto.graph.initializer if sorted(t.dims) == sorted([V, C]))
+    head = "wte.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    assert big == sorted({"wte.weight", head})  # no folded (C, V) transpose beside it
+    gemm = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    assert len(gemm) == 1 and gemm[0].input[1] == head and gemm[0].attribute[0].i == 1

@@ -53,10 +53,10 @@ def test_unrecognised_lists_every_format(tmp_path):
     (tmp_path / "x" / "notes.txt").write_text("hi")
     message = load_error(tmp_path / "x")
     assert "not a supported source" in message
-    assert all(k in message for k in ("sample:", "hf-gpt2:", "nanogpt:", "config.json", "ckpt.pt"))
+    assert all(k in message for k in ("sample:", "hf:", "nanogpt:", "config.json", "ckpt.pt", "llama, mistral"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["bert", "falcon"])
 def test_other_architectures(tmp_path, arch):
     d = tmp_path / arch
     d.mkdir()
@@ -64,8 +64,8 @@ def test_other_architectures(tmp_path, arch):
         json.dumps({"model_type": arch, "architectures": [f"{arch.title()}Model"]})
     )
     message = load_error(d)
-    assert f"architecture '{arch}'" in message and "not supported" in message
-    assert "supported: gpt2" in message
+    assert f"architecture '{arch}' ({arch.title()}Model) is not supported" in message
+    assert "supported: gpt2, gpt_neox, llama, mistral, qwen2, qwen3" in message
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_other_architectures(tmp_path, arch):
     [
         ({"scale_attn_weights": False}, "scale_attn_weights=false"),
         ({"add_cross_attention": True}, "add_cross_attention=true"),
-        ({"tie_word_embeddings": False}, "untied lm_head"),
+        ({"tie_word_embeddings": False}, "missing lm_head.weight"),  # untied, but no head saved
         ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
         ({"n_embd": 48}, "do not match its config"),
         ({"n_layer": 3}, "missing h.2."),
@@ -85,12 +85,15 @@ def test_config_refusals(tmp_path, changes, expected):
     assert expected in load_error(d)
 
 
-def test_untied_lm_head_weights(tmp_path):
+def test_tied_config_with_a_different_lm_head(tmp_path):
+    """transformers would silently tie (ignore the saved head); gptdeploy says so instead of guessing."""
     d = make_hf_gpt2_dir(tmp_path / "hf")
     state = load_file(d / "model.safetensors")
     state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0
     save_file(state, d / "model.safetensors")
-    assert "untied lm_head is not supported" in load_error(d)
+    message = load_error(d)
+    assert "lm_head.weight differs from the token embedding" in message
+    assert "tie_word_embeddings=true" in message
 
 
 def test_config_json_not_json(tmp_path):
@@ -194,3 +197,81 @@ def test_bad_tokenizer_argument(tmp_path):
     (tmp_path / "t" / "tokenizer.json").write_text("{}")
     assert "not a valid tokenizers JSON" in load_error(ckpt, tokenizer=tmp_path / "t")
     assert "does not exist" in load_error(ckpt, tokenizer=tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------- other families (docs/bad-inputs.md)
+
+
+def _family_dir(tmp_path, family="llama", **kw):
+    from tests.factories import make_hf_dir
+
+    return make_hf_dir(tmp_path / family, family, **kw)
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+         "rope_type 'yarn' is not supported; supported: default, linear, llama3"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic' is not supported"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "rope_type 'llama3' needs low_freq_factor"),
+        ({"rope_parameters": {"rope_type": "linear"}}, "rope_type 'linear' needs factor"),
+        ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "rope parameters per layer type"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported for this family"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported for llama; supported: silu"),
+        ({"tie_word_embeddings": True}, "differs from the token embedding"),
+        ({"num_key_value_heads": 4}, "n_head 6 is not divisible by n_kv_head 4"),
+    ],
+)
+def test_family_config_refusals(tmp_path, changes, expected):
+    assert expected in load_error(edit_config(_family_dir(tmp_path), **changes))
+
+
+def test_qwen2_layer_types_must_name_every_layer(tmp_path):
+    d = _family_dir(tmp_path, "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "layer_types must list" in load_error(edit_config(d, layer_types=["full_attention", "chunked"]))
+
+
+def test_neox_activation_refused(tmp_path):
+    message = load_error(edit_config(_family_dir(tmp_path, "gpt_neox"), hidden_act="relu"))
+    assert "hidden_act 'relu' is not supported for gpt_neox; supported: gelu_new" in message
+
+
+def _sharded(tmp_path):
+    d = _family_dir(tmp_path, "qwen2", max_shard_size="20KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    return d, index
+
+
+def test_missing_shard(tmp_path):
+    d, index = _sharded(tmp_path)
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (d / shard).unlink()
+    assert f"names shard '{shard}', which is missing from" in load_error(d)
+
+
+@pytest.mark.parametrize("outside", ["../elsewhere.safetensors", "/etc/passwd", "sub/model.safetensors"])
+def test_shard_index_pointing_outside_the_directory(tmp_path, outside):
+    d, index = _sharded(tmp_path)
+    index["weight_map"][next(iter(index["weight_map"]))] = outside
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert f"names shard {outside!r}, which is outside" in load_error(d)
+
+
+def test_shard_index_without_weight_map_or_with_a_tensor_no_shard_holds(tmp_path):
+    d, index = _sharded(tmp_path)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    assert "has no weight_map" in load_error(d)
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(iter(index["weight_map"].values()))
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "lists model.layers.9.mlp.up_proj.weight but no shard holds it" in load_error(d)
+
+
+def test_fused_projection_with_a_part_missing(tmp_path):
+    d = _family_dir(tmp_path)
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, d / "model.safetensors")
+    message = load_error(d)
+    assert "has layers.1.self_attn.q_proj.weight but not layers.1.self_attn.k_proj.weight" in message

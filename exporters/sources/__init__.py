@@ -7,19 +7,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gptdeploy.errors import SourceError
-from gptdeploy.exporters.sources import hf_gpt2, nanogpt, sample
+from gptdeploy.exporters.sources import hf, nanogpt, sample
 
 if TYPE_CHECKING:
     from gptdeploy.exporters.sources.base import Source
 
-# Order matters: a sample directory is also an HF GPT-2 directory, so sample is asked first.
-LOADERS = (sample, hf_gpt2, nanogpt)
+# Order matters: a sample directory is also an HF directory, so sample is asked first.
+LOADERS = (sample, hf, nanogpt)
 SUPPORTED = "; ".join(f"{m.KIND}: {m.DESCRIPTION}" for m in LOADERS)
 
 
 def load_source(path: Path, tokenizer: Path | None = None) -> Source:
     """Load a checkpoint or model directory with the first loader that recognises it."""
-    path = Path(path)
+    path = _resolve(path)
     if not path.exists():
         raise SourceError(f"{path} does not exist; pass a model directory or checkpoint file")
     if path.is_dir() and not any(path.iterdir()):
@@ -30,6 +30,17 @@ def load_source(path: Path, tokenizer: Path | None = None) -> Source:
         if loader.detect(path):
             return loader.load(path, Path(tokenizer) if tokenizer is not None else None)
     raise SourceError(f"{path} is not a supported source. Supported: {SUPPORTED}")
+
+
+def _resolve(spec) -> Path:
+    """SOURCE as a local path: an existing path as is; a hub id ("org/name[@revision]") as the local
+    snapshot directory hub.resolve finds or downloads, which the loaders then read like any other."""
+    from gptdeploy.exporters.sources import hub  # torch-free
+
+    path = Path(spec)
+    if not path.exists() and hub.looks_like_hub_id(str(spec)):
+        return hub.resolve(str(spec))
+    return path
 
 
 __all__ = ["LOADERS", "SUPPORTED", "load_source"]

@@ -29,7 +29,7 @@ class Reference(Protocol):
     """Runs the source framework's forward (HF transformers eager, or nanoGPT math written
     independently of gptdeploy.modeling) on full sequences: (B, S) ids, mask and positions."""
 
-    name: str  # e.g. "transformers 5.24.0 GPT2LMHeadModel (eager)"
+    name: str  # e.g. "transformers 5.24.0 LlamaForCausalLM (eager attention)"
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -45,16 +45,21 @@ class Tokenizer:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)  # every EOS id, eos_token_id first
+    add_bos_token: bool = False  # gptdeploy must prepend BOS (tokenizer.json's post-processor does not)
+    chat_template: str | None = None  # Jinja source (tokenizer_config.json or chat_template.jinja)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... as text
+    settings_files: list[Path] = field(default_factory=list)  # tokenizer_config.json etc. read, for the description
 
 
 @dataclass
 class Source:
     """A loaded checkpoint mapped to the canonical layout (gptdeploy.modeling.GPT state-dict names)."""
 
-    kind: str  # registry name: "hf-gpt2", "nanogpt", "sample"
+    kind: str  # "hf-<model_type>" ("hf-gpt2", "hf-llama", ...), "nanogpt", "sample"
     path: Path
     config: GPTConfig
-    state: dict[str, torch.Tensor]  # canonical names, float32, lm_head tied (no separate key)
+    state: dict[str, torch.Tensor]  # canonical names, float32; lm_head.weight only when untied
     tokenizer: Tokenizer
     reference: Callable[[], Reference]  # builds the source framework's own forward, lazily
     description: dict = field(default_factory=dict)  # name, files with sha256: goes in the manifest

@@ -1,4 +1,5 @@
-"""gptdeploy's own trained sample: an HF GPT-2 directory that also holds a sample.json card."""
+"""gptdeploy's own trained samples: an HF directory of any supported family (samples/tiny-gpt is
+GPT-2, samples/tiny-llama Llama) that also holds a sample.json card."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptdeploy.exporters.sources import files, hf_gpt2
+from gptdeploy.exporters.sources import files, hf
 
 if TYPE_CHECKING:
     from gptdeploy.exporters.sources.base import Source
 
 KIND = "sample"
-DESCRIPTION = "gptdeploy sample (HF GPT-2 directory with a sample.json card)"
+DESCRIPTION = "gptdeploy sample (an HF directory of a supported family with a sample.json card)"
 
 CARD = "sample.json"
 FORMAT = "gptdeploy-sample"
@@ -24,12 +25,10 @@ def detect(path: Path) -> bool:
     try:
         card = json.loads((path / CARD).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False  # not ours; the HF GPT-2 loader may still take the directory
+        return False  # not ours; the HF loader may still take the directory
     return isinstance(card, dict) and card.get("format") == FORMAT
 
 
 def load(path: Path, tokenizer: Path | None = None) -> Source:
     card = files.read_json(path / CARD)
-    return hf_gpt2.load_dir(
-        path, tokenizer, kind=KIND, fmt=DESCRIPTION, extra={"sample": card}, extra_files=(path / CARD,)
-    )
+    return hf.load_dir(path, tokenizer, kind=KIND, fmt=DESCRIPTION, extra={"sample": card}, extra_files=(path / CARD,))

@@ -48,6 +48,57 @@ def read_torch(path: Path) -> object:
         ) from None
 
 
+SAFETENSORS = "model.safetensors"
+PYTORCH_BIN = "pytorch_model.bin"
+INDEX = ".index.json"  # model.safetensors.index.json: {"weight_map": {tensor: shard file}}
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """An HF directory's weights, in their stored dtype, and the files read: model.safetensors,
+    sharded safetensors (model.safetensors.index.json), pytorch_model.bin, or sharded .bin."""
+    for name in (SAFETENSORS, PYTORCH_BIN):
+        if (path / name).is_file():
+            return _read_one(path / name), [path / name]
+        if (path / (name + INDEX)).is_file():
+            return _read_shards(path, path / (name + INDEX))
+    raise SourceError(
+        f"{path} has no weights: expected {SAFETENSORS} or {PYTORCH_BIN} (or a sharded {SAFETENSORS}{INDEX})"
+    )
+
+
+def _read_one(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors"):
+        return read_safetensors(path)
+    raw = read_torch(path)
+    if not is_state_dict(raw):
+        raise SourceError(f"{path} is not a state dict (name -> tensor); re-save it with save_pretrained")
+    return raw
+
+
+def _read_shards(root: Path, index: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Every shard the index names, each inside `root` and holding the tensors it is said to."""
+    from gptdeploy.exporters.sources.files import read_json
+
+    weight_map = read_json(index).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise SourceError(f"{index} has no weight_map (tensor name -> shard file); re-save the model")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # A shard is a file name beside the index: no "../", no absolute path, no subdirectory. (Not
+        # a resolved-path check: the hub cache's snapshot files are symlinks into its blob store.)
+        if Path(shard).name != shard or shard in (".", "..") or "\\" in shard:
+            raise SourceError(f"{index} names shard {shard!r}, which is outside {root}; refusing to read it")
+        if not (root / shard).is_file():
+            raise SourceError(f"{index} names shard {shard!r}, which is missing from {root}; copy every shard")
+    raw: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        raw.update(_read_one(root / shard))
+    absent = sorted(k for k in weight_map if k not in raw)
+    if absent:
+        raise SourceError(f"{index} lists {', '.join(absent[:3])} but no shard holds it; re-save the model")
+    return raw, [index, *(root / s for s in shards)]
+
+
 def is_state_dict(obj: object) -> bool:
     return isinstance(obj, dict) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -62,10 +113,11 @@ def check_state(config: GPTConfig, state: dict[str, torch.Tensor]) -> None:
 
 
 def untie_check(wte: torch.Tensor, lm_head: torch.Tensor | None, where: Path) -> None:
-    """A separate lm_head must be the token embedding itself (tied); gptdeploy exports it tied."""
+    """nanoGPT's model.py always ties lm_head to wte: a checkpoint whose two differ is damaged."""
     if lm_head is not None and (lm_head.shape != wte.shape or not torch.equal(lm_head.float(), wte.float())):
         raise SourceError(
-            f"{where}: lm_head.weight differs from the token embedding; untied lm_head is not supported yet"
+            f"{where}: lm_head.weight differs from the token embedding, which nanoGPT's model.py ties "
+            "to it (untied lm_head is not supported for nanoGPT checkpoints); re-save it from train.py"
         )
 
 
