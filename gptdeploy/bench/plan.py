@@ -1,11 +1,11 @@
-"""`gptdeploy bench`: every backend on the same token ids, the same threads, in one run.
+"""`gptdeploy bench`: every bundle on every backend, and the baselines, on the same token ids.
 
-Each row (backend x batch x prompt length) runs in its own subprocess
-(`python -m gptdeploy.bench.worker`), so that thread pools never fight, one backend's
-memory never counts against another's, and the `ort` row imports what an application
-would: numpy, onnxruntime, tokenizers, no torch. Decoding is greedy with a fixed number of
-new tokens (EOS does not stop it). Warm-up runs are excluded; figures are the median over
-`runs`, with the spread.
+Each row (bundle x backend, or baseline; x threads x batch x prompt length) runs in its own
+subprocess (`python -m gptdeploy.bench.worker`; the llama.cpp row `llama_worker.py`), so that
+thread pools never fight, one backend's memory never counts against another's, and the `ort` row
+imports what an application would: numpy, onnxruntime, tokenizers, no torch. Decoding is greedy
+within the tokenizer's vocabulary with a fixed number of new tokens (EOS does not stop it).
+Warm-up runs are excluded; figures are the median over `runs`, with the spread (measure.py).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,73 +24,52 @@ from pathlib import Path
 import numpy as np
 
 from gptdeploy import machine
+from gptdeploy.bench import llama
+from gptdeploy.bench.measure import Row, latency_percentiles, stats
 from gptdeploy.bundle import Bundle
-from gptdeploy.errors import BackendUnavailable, GenerationError, GptDeployError
+from gptdeploy.errors import BackendUnavailable, GenerationError
 from gptdeploy.machine import physical_cores
 from gptdeploy.runtimes.backends import BACKENDS, missing, resolve_backend
 
+__all__ = ["BASELINES", "BenchPlan", "Row", "Target", "add_ratios", "check_plan", "default_backends",
+           "latency_percentiles", "machine_facts", "prompt_ids", "run_plan", "stats", "targets", "to_json"]
+
 log = logging.getLogger(__name__)
 
-BASELINES = ("hf", "optimum")
-BENCH_SCHEMA = 1
+BASELINES = ("hf", "optimum", "llama.cpp")
+BENCH_SCHEMA = 2  # 2: several bundles, threads a list, llama.cpp rows; rows carry threads/bundle/precision
 
 
 @dataclass(frozen=True)
 class BenchPlan:
-    bundle: Path
-    backends: tuple[str, ...]  # runtime names, "ort@int8" style when naming a graph
+    bundles: tuple[Path, ...]
+    backends: tuple[str, ...] = ()  # runtime names, "ort@int8" naming a graph; () = all available, per bundle
     batches: tuple[int, ...] = (1,)
     prompt_lens: tuple[int, ...] = (32,)
     new_tokens: int = 128
     runs: int = 3
     warmup: int = 1
-    threads: int = field(default_factory=physical_cores)
+    threads: tuple[int, ...] = field(default_factory=lambda: (physical_cores(),))
     baselines: tuple[str, ...] = ()
     source: Path | None = None
     seed: int = 0
     # Optimum pins transformers < 4.58, so it usually lives in a virtual environment of its
     # own: the optimum row runs under this interpreter (which needs gptdeploy installed too).
     optimum_python: str | None = None
+    gguf: tuple[Path, ...] = ()  # one llama.cpp row per file
+    # llama-cpp-python builds llama.cpp from source with the flags that suit the CPU; the row
+    # runs under this interpreter, which needs numpy and llama_cpp only (not gptdeploy).
+    llama_python: str | None = None
 
 
-@dataclass
-class Row:
-    """One measured configuration. Times in seconds; rates in tokens/s (all rows of the batch)."""
+@dataclass(frozen=True)
+class Target:
+    """What one row runs: a backend ("ort@int8") on a bundle, or a baseline (hf, optimum, llama.cpp)."""
 
-    label: str  # "ort fp32", "torch", "hf (transformers generate)"
-    kind: str  # backend or baseline name
-    graph: str | None
-    batch: int
-    prompt_len: int
-    new_tokens: int
-    load_s: float = 0.0
-    ttft_s: dict = field(default_factory=dict)  # stats over runs
-    decode_tps: dict = field(default_factory=dict)
-    e2e_tps: dict = field(default_factory=dict)
-    token_latency_ms: dict = field(default_factory=dict)  # p50/p90/p99 over every decode step
-    peak_rss_mb: float = 0.0
-    model_mb: float = 0.0  # the bundle graph's weights + this configuration's KV cache (B x (T + n))
-    peak_gpu_mb: float | None = None
-    tokens: list[list[int]] = field(default_factory=list)  # generated ids of the last run
-    ratio: dict = field(default_factory=dict)  # decode_tps / ttft vs the first baseline row
-    error: str | None = None
-
-
-def stats(values: list[float]) -> dict:
-    """Median and spread of one figure over runs."""
-    a = np.asarray(values, dtype=np.float64)
-    if a.size == 0:
-        return {}
-    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
-            "stdev": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
-
-
-def latency_percentiles(step_seconds: list[float]) -> dict:
-    a = np.asarray(step_seconds, dtype=np.float64) * 1e3
-    if a.size == 0:
-        return {}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
+    kind: str  # "runtime" or a baseline name
+    bundle: Path  # the bundle (a baseline's: the first one, for its vocabulary and size)
+    backend: str | None = None
+    gguf: Path | None = None
 
 
 def prompt_ids(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
@@ -98,10 +78,12 @@ def prompt_ids(vocab: int, batch: int, length: int, seed: int) -> list[list[int]
     return rng.integers(0, vocab, size=(batch, length)).tolist()
 
 
-def check_plan(plan: BenchPlan) -> Bundle:
-    """Every bad option is an error before any work."""
-    bundle = Bundle.load(plan.bundle)
-    ctx = bundle.manifest.max_context
+def check_plan(plan: BenchPlan) -> list[Bundle]:
+    """Every bad option is an error before any work. Returns the bundles, loaded."""
+    if not plan.bundles:
+        raise GenerationError("name at least one bundle to benchmark")
+    bundles = [Bundle.load(p) for p in plan.bundles]
+    ctx = min(b.manifest.max_context for b in bundles)
     for b in plan.batches:
         if b < 1:
             raise GenerationError(f"batch must be at least 1, got {b}")
@@ -117,22 +99,33 @@ def check_plan(plan: BenchPlan) -> Bundle:
         raise GenerationError(f"--new-tokens must be at least 2 (one prefill token, one decode), got {plan.new_tokens}")
     if plan.runs < 1:
         raise GenerationError(f"--runs must be at least 1, got {plan.runs}")
-    if plan.threads < 1:
-        raise GenerationError(f"--threads must be at least 1, got {plan.threads}")
+    if not plan.threads or min(plan.threads) < 1:
+        raise GenerationError(f"--threads must be at least 1, got {','.join(map(str, plan.threads)) or 'none'}")
     for spec in plan.backends:
         name, graph = split_backend(spec)
         resolve_backend(name)  # an unknown or unusable backend: BackendUnavailable naming the fix
         if graph is not None:
-            bundle.graph(graph)  # names the graphs the bundle has
+            for bundle in bundles:
+                bundle.graph(graph)  # names the graphs the bundle has
+    _check_baselines(plan)
+    return bundles
+
+
+def _check_baselines(plan: BenchPlan) -> None:
     for base in plan.baselines:
         if base not in BASELINES:
             raise BackendUnavailable(f"unknown baseline {base!r}; choose from {', '.join(BASELINES)}")
+    if plan.gguf and "llama.cpp" not in plan.baselines:
+        raise GenerationError("--gguf is for --baseline llama.cpp; add it")
+    for base in dict.fromkeys(plan.baselines):
+        if base == "llama.cpp":
+            llama.check_llama(plan.gguf, plan.llama_python)
+            continue
         if plan.source is None:
             raise GenerationError(f"--baseline {base} needs --source, the model the bundle was exported from")
         if not Path(plan.source).exists():
             raise GenerationError(f"--source {plan.source} does not exist")
         _check_baseline_available(base, plan.optimum_python if base == "optimum" else None)
-    return bundle
 
 
 def _check_baseline_available(base: str, python: str | None) -> None:
@@ -174,91 +167,129 @@ def default_backends(bundle: Bundle) -> tuple[str, ...]:
     return tuple(out)
 
 
+def targets(plan: BenchPlan, bundles: list[Bundle]) -> list[Target]:
+    """The rows of one configuration, in order: baselines as given (llama.cpp once per GGUF), then
+    each bundle's backends (`plan.backends`, else every one available for that bundle)."""
+    out: list[Target] = []
+    for base in dict.fromkeys(plan.baselines):
+        if base == "llama.cpp":
+            out += [Target(base, plan.bundles[0], gguf=Path(g)) for g in plan.gguf]
+        else:
+            out.append(Target(base, plan.bundles[0]))
+    for path, bundle in zip(plan.bundles, bundles):
+        out += [Target("runtime", path, backend=s) for s in plan.backends or default_backends(bundle)]
+    return out
+
+
 def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """Measure every configuration; rows come back in order. KeyboardInterrupt propagates
     after `on_row` has seen every finished row (the CLI prints what was measured)."""
-    bundle = check_plan(plan)
-    vocab = bundle.manifest.tokenizer.vocab_size
+    bundles = check_plan(plan)
+    loaded = dict(zip(plan.bundles, bundles))
+    vocab = min(b.manifest.tokenizer.vocab_size for b in bundles)  # ids every bundle's tokenizer knows
     rows: list[Row] = []
-    specs = [(b, None) for b in plan.baselines] + [(None, s) for s in plan.backends]
-    for batch in plan.batches:
-        for plen in plan.prompt_lens:
-            ids = prompt_ids(vocab, batch, plen, plan.seed)
-            model_mb = model_bytes(bundle, batch, plen + plan.new_tokens) / 2**20
-            for baseline, spec in specs:
-                job = {
-                    "bundle": str(plan.bundle), "baseline": baseline, "backend": spec,
-                    "source": str(plan.source) if plan.source else None, "prompt_ids": ids,
-                    "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
-                    "threads": plan.threads, "vocab": vocab,
-                }
-                python = plan.optimum_python if baseline == "optimum" else None
-                row = _run_worker(job, python or sys.executable)
-                row.model_mb = model_mb
-                rows.append(row)
-                if on_row:
-                    on_row(row)
+    for threads in plan.threads:
+        for batch in plan.batches:
+            for plen in plan.prompt_lens:
+                ids = prompt_ids(vocab, batch, plen, plan.seed)
+                for target in targets(plan, bundles):
+                    row = _run_target(plan, target, loaded[target.bundle], ids, threads)
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
     add_ratios(rows)
     return rows
 
 
-def model_bytes(bundle: Bundle, batch: int, total_len: int) -> int:
+def _run_target(plan: BenchPlan, t: Target, bundle: Bundle, ids: list[list[int]], threads: int) -> Row:
+    job = {
+        "bundle": str(t.bundle), "baseline": None if t.kind == "runtime" else t.kind, "backend": t.backend,
+        "gguf": str(t.gguf) if t.gguf else None, "source": str(plan.source) if plan.source else None,
+        "prompt_ids": ids, "new_tokens": plan.new_tokens, "runs": plan.runs, "warmup": plan.warmup,
+        "threads": threads, "vocab": bundle.manifest.tokenizer.vocab_size,
+    }
+    if t.kind == "llama.cpp":
+        argv = llama.worker_command(plan.llama_python)
+    else:
+        python = plan.optimum_python if t.kind == "optimum" else None
+        argv = [python or sys.executable, "-m", "gptdeploy.bench.worker"]
+    row = _run_worker(job, argv, label=t.backend or (f"llama.cpp ({t.gguf.name})" if t.gguf else t.kind))
+    row.threads = threads
+    row.bundle = row.bundle or str(t.gguf or t.bundle)
+    if not row.model_mb and t.kind != "llama.cpp":  # a llama.cpp row sizes its own GGUF and KV cache
+        graph = split_backend(t.backend)[1] if t.backend else None
+        row.model_mb = model_bytes(bundle, graph, len(ids), len(ids[0]) + plan.new_tokens) / 2**20
+    return row
+
+
+def model_bytes(bundle: Bundle, graph: str | None, batch: int, total_len: int) -> int:
     """What any runtime must hold for one configuration: the graph's weights (its files, as
     shipped) and a KV cache of `total_len` positions; peak RSS is reported against it."""
-    entry = bundle.graph()
+    entry = bundle.graph(graph)
     weights = sum(bundle.file(f).stat().st_size for f in filter(None, (entry.file, entry.data_file)))
     sig = entry.signature
     kv = batch * total_len * sig.n_layer * 2 * sig.kv_heads * sig.head_dim * np.dtype(sig.kv_dtype).itemsize
     return weights + kv
 
 
-def _run_worker(job: dict, python: str) -> Row:
+def _run_worker(job: dict, argv: list[str], label: str) -> Row:
+    """One row in its own process. A worker that dies without a result (a crash in native code,
+    such as the SIGILL of a miscompiled kernel) becomes that row's error; the run goes on."""
     env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
-    proc = subprocess.run(
-        [python, "-m", "gptdeploy.bench.worker"], input=json.dumps(job), capture_output=True,
-        text=True, env=env, check=False,
-    )
+    proc = subprocess.run(argv, input=json.dumps(job), capture_output=True, text=True, env=env, check=False)
     if proc.returncode == 130 or proc.returncode == -2:
         raise KeyboardInterrupt
     try:
-        data = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
+        return Row(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (IndexError, json.JSONDecodeError, TypeError):
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-        raise GptDeployError(f"benchmark worker for {job['backend'] or job['baseline']} failed: {tail}") from None
-    return Row(**data)
+        how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        ids = job["prompt_ids"]
+        return Row(label, job["baseline"] or label.partition("@")[0], None, len(ids), len(ids[0]),
+                   job["new_tokens"], job["threads"], error=f"worker died ({how}): {tail}"[:300])
 
 
 def add_ratios(rows: list[Row]) -> None:
     """Each row's decode tokens/s and TTFT as a ratio to the first baseline row of its configuration
-    (a baseline row if one was measured, else the first row)."""
-    groups: dict[tuple[int, int], list[Row]] = {}
+    (threads, batch, prompt; a baseline row if one was measured, else the first row), and to the
+    llama.cpp row of the same precision (fp32 ~ f32, int8 ~ q8_0, int4 ~ q4_0) when there is one."""
+    groups: dict[tuple[int, int, int], list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.batch, r.prompt_len), []).append(r)
+        groups.setdefault((r.threads, r.batch, r.prompt_len), []).append(r)
     for group in groups.values():
+        ok = [r for r in group if not r.error and r.decode_tps]
         base = next((r for r in group if r.kind in BASELINES and not r.error), None) or group[0]
-        for r in group:
-            if r.error or base.error or not r.decode_tps or not base.decode_tps:
-                continue
-            r.ratio = {
-                "vs": base.label,
-                "decode_tps": r.decode_tps["median"] / base.decode_tps["median"],
-                "ttft": r.ttft_s["median"] / base.ttft_s["median"],
-            }
+        for r in ok:
+            if base in ok:
+                r.ratio = _ratio(r, base)
+            peer = next((p for p in ok if p.kind == "llama.cpp" and p is not r
+                         and llama.precision_class(p.precision) == llama.precision_class(r.precision)), None)
+            if peer is not None and r.kind != "llama.cpp":
+                r.same_precision = _ratio(r, peer)
+
+
+def _ratio(r: Row, base: Row) -> dict:
+    return {"vs": base.label, "decode_tps": r.decode_tps["median"] / base.decode_tps["median"],
+            "ttft": r.ttft_s["median"] / base.ttft_s["median"]}
 
 
 VERSIONED = ("gptdeploy", "numpy", "onnxruntime", "tokenizers", "torch", "transformers", "optimum", "tensorrt",
              "llama_cpp_python")
 
 
-def machine_facts(threads: int) -> dict:
-    return machine.facts(threads, VERSIONED)
+def machine_facts(threads: tuple[int, ...]) -> dict:
+    """CPU, kernel-deciding flags (AVX2, AVX-512, VNNI, BF16, AMX), cores, versions."""
+    return machine.facts(threads[0] if len(threads) == 1 else list(threads), VERSIONED)
 
 
 def to_json(plan: BenchPlan, rows: list[Row], complete: bool = True) -> dict:
+    def plain(v):
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, tuple) else v
+
     return {
         "schema": BENCH_SCHEMA,
         "complete": complete,
-        "plan": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
+        "plan": {k: plain(v) for k, v in asdict(plan).items()},
         "machine": machine_facts(plan.threads),
         "rows": [asdict(r) for r in rows],
     }

@@ -1,4 +1,5 @@
-"""`gptdeploy bench --plot`: decode tokens/s and TTFT against prompt length, one series per backend."""
+"""`gptdeploy bench --plot`: decode tokens/s and TTFT against prompt length, and decode tokens/s
+against batch and threads, one series per row label (bundle x backend, or baseline)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,30 @@ from pathlib import Path
 
 from gptdeploy.bench.plan import Row
 from gptdeploy.errors import GptDeployError
+
+
+def _series(rows: list[Row], x: str, fixed: dict[str, int], extra: str | None = None) -> dict[str, list[Row]]:
+    """Rows without error whose `fixed` fields match, by label (and `extra` field), sorted along `x`."""
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        if not r.error and r.decode_tps and all(getattr(r, k) == v for k, v in fixed.items()):
+            key = r.label + (f" ({extra} {getattr(r, extra)})" if extra else "")
+            out.setdefault(key, []).append(r)
+    return {k: sorted(v, key=lambda r: getattr(r, x)) for k, v in out.items()}
+
+
+def _line(ax, series: dict[str, list[Row]], x: str, y) -> None:
+    for label, rs in series.items():
+        ax.plot([getattr(r, x) for r in rs], [y(r) for r in rs], marker="o", label=label)
+    ax.set_xticks(sorted({getattr(r, x) for rs in series.values() for r in rs}))  # the measured values only
+
+
+def _tps(r: Row) -> float:
+    return r.decode_tps["median"]
+
+
+def _ttft_ms(r: Row) -> float:
+    return r.ttft_s["median"] * 1e3
 
 
 def plot_rows(rows: list[Row], path: Path) -> None:
@@ -16,21 +41,32 @@ def plot_rows(rows: list[Row], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise GptDeployError("--plot needs matplotlib: pip install 'gptdeploy[audit]'") from None
-    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series: dict[str, list[Row]] = {}
-    for r in rows:
-        if not r.error:
-            series.setdefault(f"{r.label} (batch {r.batch})", []).append(r)
-    for label, rs in series.items():
-        rs = sorted(rs, key=lambda r: r.prompt_len)
-        x = [r.prompt_len for r in rs]
-        ax_tps.plot(x, [r.decode_tps["median"] for r in rs], marker="o", label=label)
-        ax_ttft.plot(x, [r.ttft_s["median"] * 1e3 for r in rs], marker="o", label=label)
-    ax_tps.set(xlabel="prompt length (tokens)", ylabel="decode tokens/s (median)", title="Decode throughput")
-    ax_ttft.set(xlabel="prompt length (tokens)", ylabel="time to first token (ms, median)", title="Prefill latency")
-    for ax in (ax_tps, ax_ttft):
+    ok = [r for r in rows if not r.error and r.decode_tps]
+    if not ok:
+        raise GptDeployError(f"nothing to plot: no row was measured without error ({len(rows)} rows)")
+    top, batch, prompt = max(r.threads for r in ok), min(r.batch for r in ok), min(r.prompt_len for r in ok)
+    panels = [  # (x, series, y, title, x label, y label); scaling panels only where the plan varied x
+        ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _tps,
+         f"Decode throughput, {top} threads", "prompt length (tokens)", "decode tokens/s (median)"),
+        ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _ttft_ms,
+         f"Prefill latency, {top} threads", "prompt length (tokens)", "time to first token (ms, median)"),
+    ]
+    if len({r.batch for r in ok}) > 1:
+        panels.append(("batch", _series(ok, "batch", {"threads": top, "prompt_len": prompt}), _tps,
+                       f"Batch scaling, {top} threads, prompt {prompt}", "batch (sequences)",
+                       "decode tokens/s, all sequences (median)"))
+    if len({r.threads for r in ok}) > 1:
+        panels.append(("threads", _series(ok, "threads", {"batch": batch, "prompt_len": prompt}), _tps,
+                       f"Thread scaling, batch {batch}, prompt {prompt}", "threads", "decode tokens/s (median)"))
+    n_rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(n_rows, 2, figsize=(12, 4.5 * n_rows), squeeze=False)
+    for ax, (x, series, y, title, xlabel, ylabel) in zip(axes.flat, panels):
+        _line(ax, series, x, y)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)

@@ -7,27 +7,15 @@ measures what an application embedding gptdeploy would load.
 from __future__ import annotations
 
 import json
-import resource
 import signal
 import sys
 import time
 from dataclasses import asdict
+from itertools import pairwise
 
 import numpy as np
 
-from gptdeploy.bench.plan import Row, latency_percentiles, split_backend, stats
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
-    from the parent across fork + exec, so every worker would report at least the CLI's size."""
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: best effort
+from gptdeploy.bench.measure import Row, failed_row, measure
 
 
 class _DeviceMemory:
@@ -55,38 +43,20 @@ class _DeviceMemory:
         return None if self._used is None else max(0, self.peak - self.baseline) / 2**20
 
 
-def _measure(row: Row, one_run, job: dict, after_run=lambda: None) -> Row:
-    """Warm up, time `runs` runs, and fill `row`. `one_run() -> (ttft_s, decode step seconds, tokens)`."""
-    for _ in range(job["warmup"]):
-        one_run()
-        after_run()
-    runs = []
-    for _ in range(job["runs"]):
-        runs.append(one_run())
-        after_run()
-    ttfts = [t for t, _, _ in runs]
-    decode = [row.batch * len(steps) / sum(steps) for _, steps, _ in runs]
-    e2e = [row.batch * (len(steps) + 1) / (t + sum(steps)) for t, steps, _ in runs]
-    row.ttft_s, row.decode_tps, row.e2e_tps = stats(ttfts), stats(decode), stats(e2e)
-    row.token_latency_ms = latency_percentiles([s for _, steps, _ in runs for s in steps])
-    row.tokens = runs[-1][2]
-    row.peak_rss_mb = _peak_rss_mb()
-    return row
-
-
 def run_runtime(job: dict) -> Row:
     from gptdeploy.bundle import Bundle
     from gptdeploy.runtimes.backends import open_runtime
     from gptdeploy.steps import Steps
 
-    name, graph = split_backend(job["backend"])
+    name, _, graph = job["backend"].partition("@")
     bundle = Bundle.load(job["bundle"])
-    entry = bundle.graph(graph)
+    entry = bundle.graph(graph or None)
     ids = job["prompt_ids"]  # (B, T), every row of one length: no padding
     B, T = len(ids), len(ids[0])
     n = job["new_tokens"]
     vocab = bundle.manifest.tokenizer.vocab_size
-    row = Row(f"{name} {entry.name}", name, entry.name, B, T, n)
+    row = Row(f"{name} {entry.name} ({job['bundle']})", name, entry.name, B, T, n, job["threads"],
+              bundle=job["bundle"], precision=entry.precision)
     device = _DeviceMemory() if name in ("ort-cuda", "tensorrt") else None
     t0 = time.perf_counter()
     runtime = open_runtime(bundle, name, entry.name, job["threads"])
@@ -106,7 +76,7 @@ def run_runtime(job: dict) -> Row:
         return ttft, times, np.stack(tokens, 1).tolist()
 
     with runtime:
-        _measure(row, one_run, job, after_run=device.sample if device else lambda: None)
+        measure(row, one_run, job, after_run=device.sample if device else lambda: None)
         row.peak_gpu_mb = device.mb() if device else getattr(runtime, "peak_device_mb", None)
     return row
 
@@ -143,7 +113,7 @@ def run_baseline(job: dict) -> Row:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(job["source"], dtype=torch.float32).eval()
-        row = Row(f"hf (transformers {transformers.__version__} generate)", "hf", None, B, T, n)
+        row = Row(f"hf (transformers {transformers.__version__} generate)", "hf", None, B, T, n, job["threads"])
     else:
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
@@ -153,8 +123,9 @@ def run_baseline(job: dict) -> Row:
         model = ORTModelForCausalLM.from_pretrained(job["source"], export=True, session_options=so)
         from importlib.metadata import version
 
-        row = Row(f"optimum {version('optimum')} (ORTModelForCausalLM)", "optimum", None, B, T, n)
+        row = Row(f"optimum {version('optimum')} (ORTModelForCausalLM)", "optimum", None, B, T, n, job["threads"])
     row.load_s = time.perf_counter() - t0
+    row.bundle, row.precision = job["source"], "fp32"  # the source framework's own fp32 forward
     mask = torch.ones_like(ids)
     # Equal conditions: the runtimes never pick ids past the tokenizer's vocabulary (padding
     # rows, e.g. nanoGPT's 50304, or a model larger than its tokenizer); neither may generate().
@@ -168,10 +139,10 @@ def run_baseline(job: dict) -> Row:
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, streamer=clock, pad_token_id=0, **suppress)
         times = [start, *clock.times]
-        steps = [b - a for a, b in zip(times[1:], times[2:])]
+        steps = [b - a for a, b in pairwise(times[1:])]  # between emitted tokens
         return times[1] - start, steps, np.stack(clock.tokens, 1).tolist()
 
-    return _measure(row, one_run, job)
+    return measure(row, one_run, job)
 
 
 def main() -> None:
@@ -180,9 +151,7 @@ def main() -> None:
     try:
         row = run_baseline(job) if job.get("baseline") else run_runtime(job)
     except Exception as exc:  # noqa: BLE001 - reported as the row's error, the run goes on
-        label = job.get("backend") or job.get("baseline")
-        B, T = np.asarray(job["prompt_ids"]).shape
-        row = Row(str(label), str(label), None, B, T, job["new_tokens"], error=" ".join(str(exc).split())[:300])
+        row = failed_row(job, str(job.get("backend") or job.get("baseline")), exc)
     print(json.dumps(asdict(row)))
 
 
