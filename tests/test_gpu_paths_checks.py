@@ -117,8 +117,6 @@ def test_precision_plan_and_operator_check_of_an_exported_fp16_graph(tmp_path):
     from gptdeploy.config import GPTConfig
     from gptdeploy.exporters.onnx import export_onnx
 
-    if not hasattr(modeling, "to_fp16"):
-        pytest.skip("gptdeploy.modeling.to_fp16 (the fp16 graph export) is not in this tree yet")
     torch.manual_seed(0)
     model = modeling.to_fp16(
         modeling.GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32))
