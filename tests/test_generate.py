@@ -82,7 +82,6 @@ def test_greedy_tokens_equal_torch_runtime_and_transformers(name):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SAMPLE_DIR / "sample.json").is_file(), reason="samples/tiny-gpt is not trained yet")
 def test_greedy_parity_on_the_sample(tmp_path):
     from gptdeploy.exporters import export_bundle
 
