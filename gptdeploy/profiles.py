@@ -14,12 +14,25 @@ A 0-length past in a profile is legal: IOptimizationProfile::setDimensions requi
 
 from __future__ import annotations
 
+import math
+
 from gptdeploy import contract as io
 from gptdeploy.contract import GraphSignature
 from gptdeploy.errors import ExportError
 
 PHASES = ("prefill", "decode")  # profile index = position here
 Triple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+# build-engine's limits when --max-context is not given. A RoPE model's context is its
+# max_position_embeddings (Mistral 131072, Qwen2 32768), and the tensorrt runtime allocates every
+# buffer at the engine's limits (buffer_shapes): Mistral-7B's fp16 KV cache is 64 GiB at batch 4 and
+# 131072 positions, held twice (ping and pong). So the default context is the model's, at most
+# DEFAULT_MAX_CONTEXT, and halved until those buffers fit DEFAULT_BUFFER_BUDGET, which leaves a
+# 24 GB card room for a 7B model's fp16 weights (14.5 GB) and TensorRT's activations. --max-context
+# raises it.
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_BUFFER_BUDGET = 4 << 30  # bytes
+_ITEMSIZE = {"int64": 8, "float32": 4, "float16": 2}
 
 
 # ------------------------------------------------------------------------------------ profiles
@@ -121,6 +134,26 @@ def check_profiles(sig: GraphSignature, profiles: dict, max_context: int | None 
             if max_context is not None and total > max_context:
                 problems.append(f"{phase} {which}: {total} positions exceed max context {max_context}")
     return problems
+
+
+def buffer_bytes(sig: GraphSignature, max_batch: int, max_context: int) -> int:
+    """Bytes of the device buffers the tensorrt runtime holds at these limits: every input and
+    output at its largest (a past and its present are the runtime's two KV buffers per tensor)."""
+    shapes = buffer_shapes(sig, max_batch, max_context)
+    specs = [*sig.inputs(), *sig.outputs()]
+    return sum(math.prod(shapes[s.name]) * _ITEMSIZE[s.dtype] for s in specs)
+
+
+def default_max_context(
+    sig: GraphSignature, model_context: int, max_batch: int, budget: int = DEFAULT_BUFFER_BUDGET
+) -> int:
+    """The engine's context when none is asked for: the model's, at most DEFAULT_MAX_CONTEXT,
+    halved while the runtime's buffers (an audit graph's attention outputs grow with its square)
+    would pass `budget` bytes; never below 2 (one past position for decode)."""
+    context = min(model_context, DEFAULT_MAX_CONTEXT)
+    while context > 2 and buffer_bytes(sig, max_batch, context) > budget:
+        context = max(2, context // 2)
+    return context
 
 
 def buffer_shapes(sig: GraphSignature, max_batch: int, max_context: int) -> dict[str, tuple[int, ...]]:

@@ -25,6 +25,8 @@ from gptdeploy.manifest import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "bad-inputs.md"
+SAMPLES = ROOT / "samples"
+SHARD_INDEX = "model.safetensors.index.json"  # sharded safetensors: {"weight_map": {tensor: shard file}}
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -33,6 +35,7 @@ class Shared:
     bundle: Path  # a valid bundle (runtime_bundles "small": 128 positions); never modified
     hf: Path  # a valid HF GPT-2 source directory; never modified
     log: Path  # a valid audit log with two records; never modified
+    llama: Path  # a valid HF Llama source directory with sharded weights; never modified
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,40 @@ def _hub_offline(tmp, s, mp):
     return ["export", "gptdeploy-tests/not-cached", "-o", tmp / "out"], None
 
 
+def _llama_config(tmp, s, edit: Callable[[dict], None]) -> Path:
+    d = Path(shutil.copytree(s.llama, tmp / "src"))
+    config = json.loads((d / "config.json").read_text())
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def _yarn(config: dict) -> None:
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+
+
+def _shard_index(tmp, s, edit: Callable[[dict], None]) -> Path:
+    """The Llama source with its shard index edited (weight_map: tensor -> shard file)."""
+    d = Path(shutil.copytree(s.llama, tmp / "src"))
+    index = json.loads((d / SHARD_INDEX).read_text())
+    edit(index["weight_map"])
+    (d / SHARD_INDEX).write_text(json.dumps(index))
+    return d
+
+
+def _missing_shard(tmp, s, mp):
+    d = Path(shutil.copytree(s.llama, tmp / "src"))
+    shard = max(json.loads((d / SHARD_INDEX).read_text())["weight_map"].values())
+    (d / shard).unlink()
+    return ["export", d, "-o", tmp / "out"], None
+
+
+def _shard_outside(weight_map: dict) -> None:
+    first = next(iter(weight_map))
+    weight_map[first] = "../elsewhere.safetensors"
+
+
 RAISING_TEMPLATE = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
 
 
@@ -196,6 +233,17 @@ CASES = [
          lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--tokenizer", t / "nope.json"], None)),
     Case("export-disk-full", "export SRC -o OUT (onnx.save_model raises ENOSPC)", "no space left on device",
          _disk_full),
+    Case("export-unsupported-rope-type", "export DIR(llama, rope_type yarn) -o OUT", "rope_type 'yarn' is not supported",
+         lambda t, s, mp: (["export", _llama_config(t, s, _yarn), "-o", t / "out"], None)),
+    Case("export-missing-shard", "export DIR(llama, its last shard deleted) -o OUT",
+         "which is missing from", _missing_shard),
+    Case("export-shard-outside-directory", "export DIR(llama, index names ../elsewhere.safetensors) -o OUT",
+         "'../elsewhere.safetensors', which is outside",
+         lambda t, s, mp: (["export", _shard_index(t, s, _shard_outside), "-o", t / "out"], None)),
+    Case("export-tokenizer-larger-than-embedding", "export SRC(297 rows) -o OUT --tokenizer tiny-llama(2048 tokens)",
+         "the tokenizer has 2048 tokens but the model's embedding has only 297 rows",
+         lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--tokenizer", SAMPLES / "tiny-llama" / "tokenizer.json"],
+                           None)),
     Case("export-hub-id-not-cached-offline", "export org/name -o OUT (HF_HUB_OFFLINE=1, org/name not cached)",
          "is not in the Hugging Face cache", _hub_offline),
     # -- verify ------------------------------------------------------------------------------
@@ -371,14 +419,16 @@ def _truncated_weights(tmp: Path, s: Shared) -> Path:
 def shared(tmp_path_factory) -> Shared:
     from gptdeploy.audit import append_records
     from tests.audit_records import synthetic_record
-    from tests.factories import make_hf_gpt2_dir
+    from tests.factories import make_hf_dir, make_hf_gpt2_dir
     from tests.runtime_bundles import made
 
     root = tmp_path_factory.mktemp("bad-inputs")
     hf = make_hf_gpt2_dir(root / "hf", n_layer=1, n_head=2, n_embd=16, n_positions=32, seed=3)
+    llama = make_hf_dir(root / "llama", "llama", n_layer=2, max_shard_size="40KB")
+    assert len(set(json.loads((llama / SHARD_INDEX).read_text())["weight_map"].values())) >= 2
     log = root / "two.log"
     append_records(log, [synthetic_record(0), synthetic_record(1)])
-    return Shared(made("small").bundle, hf, log)
+    return Shared(made("small").bundle, hf, log, llama)
 
 
 def _tree(*dirs: Path) -> dict[str, str]:

@@ -48,7 +48,8 @@ def test_hf_gpt2_export_parity(tmp_path, shape):
     m = result.bundle.manifest
     assert m.source["kind"] == "hf-gpt2" and "transformers" in result.parity.reference
     assert m.parity["fp32"]["passed"] is True
-    assert set(m.files) == {"model.onnx", "tokenizer.json"}
+    assert set(m.files) == {"model.onnx", "tokenizer.json", "config.json", "generation_config.json",
+                            "genai_config.json"}  # the last three: exporters/interop.py
     assert m.tools["onnxruntime"] and m.tools["torch"]
     n_rows = 8 * (1 + 2 * shape["n_layer"] + shape["n_layer"])  # prefill + 8 decodes, every output
     assert len(result.parity.checks) == n_rows + (1 + 3 * shape["n_layer"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -22,7 +23,17 @@ from gptdeploy.engines import (
     trt_release,
 )
 from gptdeploy.errors import BundleError, ExportError
-from gptdeploy.profiles import PHASES, buffer_shapes, check_limits, check_profiles, profile_shapes
+from gptdeploy.profiles import (
+    DEFAULT_BUFFER_BUDGET,
+    DEFAULT_MAX_CONTEXT,
+    PHASES,
+    buffer_bytes,
+    buffer_shapes,
+    check_limits,
+    check_profiles,
+    default_max_context,
+    profile_shapes,
+)
 
 SIGS = [
     GraphSignature(n_layer=2, n_head=2, kv_heads=2, head_dim=16, vocab_size=297),
@@ -143,6 +154,63 @@ def test_buffers_are_sized_so_pasts_and_presents_can_swap():
         assert shapes[past] == shapes[present] == (4, 2, 128, 8)
     assert shapes[io.LOGITS] == (4, 128, 320) and shapes[io.attention(0)] == (4, 8, 128, 128)
     assert buffer_shapes(SIGS[3], 2, 8)[io.LOGITS] == (2, 1, 64)
+
+
+# ----------------------------------------------------- the default context of build-engine
+
+# Mistral-7B's shape (32 layers, 32 heads sharing 8 K/V heads of 128, vocab 32768, fp16 KV cache):
+# 131072 positions, its max_position_embeddings, is the context a manifest records for it.
+MISTRAL = GraphSignature(n_layer=32, n_head=32, kv_heads=8, head_dim=128, vocab_size=32768, kv_dtype="float16",
+                         attentions=False, last_logits_only=True)
+
+
+def test_buffer_bytes_count_every_buffer_the_runtime_holds():
+    kv = 32 * 2 * 4 * 8 * 4096 * 128 * 2  # layers x (key, value) x batch x kv heads x positions x hs x fp16
+    ids = 3 * 4 * 4096 * 8  # input_ids, position_ids, attention_mask (int64)
+    assert buffer_bytes(MISTRAL, 4, 4096) == 2 * kv + ids + 4 * 32768 * 4  # past + present, last logits
+
+
+@pytest.mark.parametrize("sig, batch, model, want", [
+    (MISTRAL, 1, 131072, DEFAULT_MAX_CONTEXT),  # capped at 4096: 2 GiB of buffers
+    (MISTRAL, 4, 131072, 2048),  # 4096 would need 4.0008 GiB
+    (replace(MISTRAL, attentions=True), 4, 131072, 256),  # attention outputs grow with the square
+    (SIGS[0], 4, 1024, 1024),  # a model's own smaller context stays
+])
+def test_the_default_context_is_capped_and_fits_the_buffer_budget(sig, batch, model, want):
+    got = default_max_context(sig, model, batch)
+    assert got == want
+    assert buffer_bytes(sig, batch, got) <= DEFAULT_BUFFER_BUDGET
+    assert got == min(model, DEFAULT_MAX_CONTEXT) or buffer_bytes(sig, batch, 2 * got) > DEFAULT_BUFFER_BUDGET
+
+
+def test_build_engine_caps_the_default_context_says_so_and_takes_a_larger_one(tmp_path, monkeypatch):
+    """On the fake TensorRT: a bundle whose manifest records a RoPE model's 131072 positions gets a
+    4096-position engine by default, the output says so, and --max-context 8192 builds 8192."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from gptdeploy.cli import cli
+    from gptdeploy.manifest import MANIFEST
+    from tests.fake_tensorrt import FakeCudart, install_cudart, make_tensorrt
+    from tests.runtime_bundles import copy_bundle, made
+
+    cudart = FakeCudart()
+    install_cudart(monkeypatch, cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", make_tensorrt(cudart))
+    b = copy_bundle(made("small").bundle, tmp_path / "b")
+    data = json.loads((b / MANIFEST).read_text())
+    data["model"]["block_size"] = 131072  # the graph itself does not read it; the limits do
+    (b / MANIFEST).write_text(json.dumps(data))
+    r = CliRunner().invoke(cli, ["build-engine", str(b)])
+    assert r.exit_code == 0, r.output
+    limits = json.loads((b / MANIFEST).read_text())["engines"][-1]["limits"]
+    assert limits == {"max_batch": 4, "max_context": DEFAULT_MAX_CONTEXT}
+    assert "note: 4096 of the model's 131072 positions by default" in r.stdout
+    assert "--max-context N raises it" in r.stdout
+    r = CliRunner().invoke(cli, ["build-engine", str(b), "--max-context", "8192"])
+    assert r.exit_code == 0 and "note:" not in r.stdout, r.output
+    assert json.loads((b / MANIFEST).read_text())["engines"][-1]["limits"]["max_context"] == 8192
 
 
 # -------------------------------------------------------------------- names, entries, compat

@@ -68,7 +68,9 @@ def load_dir(
         settings.append(files.read_json(path / GENERATION_CONFIG))
         read.append(path / GENERATION_CONFIG)
     tok, tok_files = _tokenizer(path, tokenizer, config, settings)
-    read += [*tok_files, *(f for f in tok.settings_files if f not in read)]  # tokenizer_config.json, ...
+    # Every file the tokenizer came from is the source's too: tokenizer_config.json,
+    # special_tokens_map.json and chat_template.jinja (from --tokenizer DIR when given).
+    read += [f for f in [*tok_files, *tok.settings_files] if f not in read]
     description = files.describe(path, path.resolve().name, fmt, read, [path / CONFIG, *weight_files])
     description.update(extra or {})
     return Source(
@@ -83,6 +85,10 @@ def load_dir(
 
 
 def _tokenizer(path: Path, given: Path | None, config: GPTConfig, settings: list[dict]):
+    """The tokenizer and the files it came from. Its settings (tokenizer_config.json,
+    special_tokens_map.json, chat_template.jinja) come from the directory that holds it: the
+    model's, or --tokenizer DIR's, whose settings belong to that tokenizer and not to the model's
+    own. A --tokenizer FILE brings none, so the model directory's apply."""
     found = tokenizer_files.from_argument(given) if given is not None else tokenizer_files.from_dir(path)
     if found is None:
         raise SourceError(
@@ -90,7 +96,8 @@ def _tokenizer(path: Path, given: Path | None, config: GPTConfig, settings: list
             "or pass --tokenizer"
         )
     text, tok_files = found
-    return tokenizer_files.make_tokenizer(text, config.vocab_size, settings, path), tok_files
+    where = given if given is not None and given.is_dir() else path
+    return tokenizer_files.make_tokenizer(text, config.vocab_size, settings, where), tok_files
 
 
 def _reference(path: Path, per_row: bool):

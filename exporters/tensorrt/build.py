@@ -28,7 +28,7 @@ from gptdeploy.engines import (
 from gptdeploy.errors import ExportError
 from gptdeploy.hashing import sha256_file
 from gptdeploy.manifest import MANIFEST, GraphEntry
-from gptdeploy.profiles import check_limits, check_profiles, profile_shapes
+from gptdeploy.profiles import check_limits, check_profiles, default_max_context, profile_shapes
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def build_engine(
 
     bundle = Bundle.load(bundle_path)
     entry_graph = choose_graph(bundle, graph)
-    max_context = bundle.manifest.max_context if max_context is None else max_context
+    if max_context is None:  # the model's, capped: a RoPE model's context can be 131072 (profiles.py)
+        check_limits(max_batch, 2)  # the batch first: the default context is sized with it
+        max_context = default_max_context(entry_graph.signature, bundle.manifest.max_context, max_batch)
     check_limits(max_batch, max_context, bundle.manifest.max_context)
     if not workspace_gb > 0:
         raise ExportError(f"workspace must be a positive number of GiB, got {workspace_gb!r}")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from gptdeploy.profiles import DEFAULT_BUFFER_BUDGET, DEFAULT_MAX_CONTEXT  # the default limits, in the help
+
 
 @click.command("build-engine")
 @click.argument("bundle", type=click.Path(path_type=Path))
@@ -24,7 +26,8 @@ import click
 @click.option(
     "--max-context",
     type=int,
-    help="Positions (prompt + generated) the engine accepts [default: the model's context].",
+    help="Positions (prompt + generated) the engine accepts [default: the model's context, at most "
+    f"{DEFAULT_MAX_CONTEXT} and what keeps the runtime's buffers within {DEFAULT_BUFFER_BUDGET >> 30} GiB].",
 )
 @click.option(
     "--workspace-gb",
@@ -51,6 +54,7 @@ def build_engine(
 ) -> None:
     """Build a TensorRT engine for this GPU from BUNDLE's graph and record it in the manifest."""
     from gptdeploy.exporters.tensorrt import build_engine as build  # TensorRT only when building
+    from gptdeploy.manifest import MANIFEST, Manifest
 
     if max_context is not None and max_context < 2:
         raise click.BadParameter(
@@ -71,6 +75,14 @@ def build_engine(
         f"{entry['compute_capability']}, TensorRT {entry['trt_version']}, batch <= {limits['max_batch']}, "
         f"{limits['max_context']} positions, built in {entry['build_seconds']} s)"
     )
+    # build() checked the bundle; its manifest (now with the engine) says the model's context
+    model_context = Manifest.from_dict(json.loads((bundle / MANIFEST).read_text(encoding="utf-8"))).max_context
+    if max_context is None and limits["max_context"] < model_context:
+        click.echo(
+            f"note: {limits['max_context']} of the model's {model_context} positions by default "
+            f"(at most {DEFAULT_MAX_CONTEXT}, buffers within {DEFAULT_BUFFER_BUDGET >> 30} GiB); "
+            f"--max-context N raises it"
+        )
 
 
 @click.command()
