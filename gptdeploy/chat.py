@@ -28,7 +28,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptdeploy.errors import BundleError, ContextOverflowError, GenerationError
-from gptdeploy.options import GenerationOptions, check_ids
+from gptdeploy.options import GenerationOptions
 
 if TYPE_CHECKING:
     from gptdeploy.bundle import Bundle
@@ -226,14 +226,8 @@ def generate_chat(generator: Generator, messages, template: ChatTemplate | None 
 
 
 def stream_ids(generator: Generator, ids: list[int], **options) -> TextStream:
-    """Generator.stream for a prompt given as token ids."""
-    method = getattr(generator, "stream_ids", None)
-    if method is not None:
-        return method(ids, **options)
-    from gptdeploy.generate import TextStream
-
-    # Until Generator has a public stream-by-ids (stream_ids), the path stream() itself takes.
-    return TextStream(generator._submit([check_ids(ids, generator.bundle.config.vocab_size)], options, stream=True)[0])
+    """Generator.stream for a prompt given as token ids (Generator.stream_ids)."""
+    return generator.stream_ids(ids, **options)
 
 
 class Conversation:
@@ -260,7 +254,7 @@ class Conversation:
     def fit(self, user: str, max_new_tokens: int) -> tuple[list[int], int]:
         """Prompt ids for `user` after the history, and how many old turns it drops for room. They
         leave the history only when the message fits; a message too long alone changes nothing."""
-        ctx = self.generator.max_context
+        ctx = self.generator.engine.max_context  # the runtime's limit where smaller than the model's
         for start in range(len(self.turns) + 1):
             ids = chat_prompt_ids(self.generator, self.messages(user, start), self.template)
             if len(ids) + max_new_tokens <= ctx:

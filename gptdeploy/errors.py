@@ -40,7 +40,12 @@ class GenerationError(GptDeployError):
 
 
 class ContextOverflowError(GenerationError):
-    """Prompt plus requested tokens do not fit the model's context."""
+    """Prompt plus requested tokens do not fit the model's context. `param` names the option to
+    change ("prompt" or "max_new_tokens") when the raiser knows it; None otherwise."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFullError(GptDeployError):
@@ -53,6 +58,12 @@ class RequestAborted(GenerationError):
     def __init__(self, message: str, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class RuntimeFailure(GptDeployError):
+    """Running a checked request failed on the machine's side, not the caller's: onnxruntime or
+    TensorRT failed a step, the model produced NaN logits, or the engine hit an unexpected fault.
+    The message says what failed; a server answers 500 and keeps the detail in its log."""
 
 
 class AuditError(GptDeployError):

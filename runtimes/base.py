@@ -39,6 +39,11 @@ class RuntimeBase:
     def __init__(self, bundle: Bundle | None, graph: GraphEntry):  # no bundle: a graph checked at export
         self.bundle = bundle
         self.graph = graph
+        # What one step may hold: positions (past + new) and batch rows. The model's context and no
+        # batch bound here; a runtime with smaller limits of its own (a TensorRT engine's
+        # profiles) sets its own, and the engine checks requests against them before queueing.
+        self.max_context: int | None = bundle.manifest.max_context if bundle is not None else None
+        self.max_batch: int | None = None
         self.past_length = 0
         self._batch = 0
         self._closed = False

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
-from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, RuntimeFailure
 from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 
@@ -161,7 +161,6 @@ class OrtCudaRuntime(RuntimeBase):
                 f"graph {graph.file!r} does not match its manifest entry "
                 f"(differ: {sorted(have ^ want)[:4]}); re-export the bundle"
             )
-        self.max_context = bundle.manifest.max_context
         self._kv_dtype = np.dtype(sig.kv_dtype)
         self._pairs = [(io.past_key(i), io.present_key(i)) for i in range(sig.n_layer)] + [
             (io.past_value(i), io.present_value(i)) for i in range(sig.n_layer)
@@ -217,7 +216,7 @@ class OrtCudaRuntime(RuntimeBase):
             self._session.run_with_iobinding(b)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             self.reset()
-            raise GenerationError(f"onnxruntime ({self.device}) failed: {str(exc).strip()[:300]}") from None
+            raise RuntimeFailure(f"onnxruntime ({self.device}) failed: {str(exc).strip()[:300]}") from None
         outs = b.get_outputs()  # binding order: logits, presents, attentions
         self._side = 1 - side  # the presents just written are the next step's pasts
         logits = outs[0].numpy()  # (B, T or 1, V)

@@ -24,7 +24,13 @@ import numpy as np
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
 from gptdeploy.engines import rebuild_command, select_engine
-from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.errors import (
+    BackendUnavailable,
+    BundleError,
+    ContextOverflowError,
+    GenerationError,
+    RuntimeFailure,
+)
 from gptdeploy.manifest import GraphEntry
 from gptdeploy.profiles import PHASES, buffer_shapes
 from gptdeploy.runtimes import cuda
@@ -147,7 +153,7 @@ class TensorRTRuntime(RuntimeBase):
         self._bind(ctx, phase, {name: a.shape for name, a in host.items()}, B, P)
         if not ctx.execute_async_v3(stream.handle):
             self.reset()
-            raise GenerationError(
+            raise RuntimeFailure(
                 f"TensorRT failed running {self.entry['file']} ({self._logger.last()})"
             )
         logits = self._last_logits(B, T)
@@ -177,7 +183,7 @@ class TensorRTRuntime(RuntimeBase):
         shapes.update({past: (B, sig.kv_heads, P, sig.head_dim) for past in self._past_slot})
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, shape):
-                raise GenerationError(f"TensorRT refused shape {shape} for {name} ({PHASES[phase]} profile)")
+                raise RuntimeFailure(f"TensorRT refused shape {shape} for {name} ({PHASES[phase]} profile)")
         addresses = {name: buf.ptr for name, buf in self._buffers.items()}
         addresses.update({past: self._kv[present][side].ptr for past, present in self._past_slot.items()})
         addresses.update({present: pair[1 - side].ptr for present, pair in self._kv.items()})

@@ -369,6 +369,22 @@ def test_the_chat_repl_streams_resets_and_exits_0(chat_bundle):
     assert r.stdout == "".join(w + "\n" for w in want)
 
 
+def test_the_chat_repl_refuses_a_message_the_model_cannot_take_and_goes_on(chat_bundle, tmp_path):
+    """Any GenerationError for one message (here the template's own raise_exception) is an error
+    line; the next message is answered."""
+    template = tmp_path / "picky.jinja"
+    template.write_text("{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+                        "{{ raise_exception('no forbidden words') }}{% endif %}"
+                        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                        "<|im_start|>assistant\n", encoding="utf-8")
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--chat-template", str(template), "--max-new-tokens", "4"],
+                           input="a forbidden word\nhello\n")
+    assert r.exit_code == 0, r.output
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no forbidden words" in errors[0]
+    assert r.stdout.count("\n") == 1  # the second message was answered
+
+
 def test_the_chat_repl_ends_at_end_of_input_and_refuses_a_bundle_without_template():
     ok = CliRunner().invoke(cli, ["chat", str(made("small").bundle), "--chat-template", "/nonexistent.jinja"],
                             input="")

@@ -148,7 +148,9 @@ def test_a_single_prompt_samples_exactly_as_the_one_stream_loop_did():
             )
 
 
-def test_attention_recorded_among_others_equals_alone():
+def test_attention_recorded_among_others_matches_alone_to_float_rounding():
+    """Not bit for bit: the batch's padded cache width changes the order of float32 sums
+    (measured max |diff| 1.3e-7; README)."""
     with _engine() as engine:
         alone = engine.submit(PROMPTS[1], max_new_tokens=9, record_attention=True).wait()
         other = engine.submit(PROMPTS[0], max_new_tokens=40)
@@ -157,7 +159,7 @@ def test_attention_recorded_among_others_equals_alone():
         other.wait()
     assert joined.token_ids == alone.token_ids
     for a, b in zip(joined.attention, alone.attention):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     assert other.result.attention is None
 
 

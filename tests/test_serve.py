@@ -254,3 +254,105 @@ def test_it_binds_loopback_unless_told():
     from gptdeploy.cli.serve import serve
 
     assert next(p for p in serve.params if p.name == "host").default == "127.0.0.1"
+
+
+def test_a_chat_prompt_over_the_context_blames_messages(live):
+    r = httpx.post(
+        live.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "word " * 150}]},
+    )
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("messages", "context_length_exceeded")
+
+
+# ------------------------------------------------------------------- pieces, without a server
+
+
+def test_stream_events_escape_the_line_breaks_other_splitters_see():
+    from gptdeploy.serve.shapes import event
+
+    text = "a\u2028b\u2029c\u0085d\n你好"
+    data = event({"text": text})
+    lines = data.decode().splitlines()  # what httpx's iter_lines does: more breaks than SSE's
+    assert lines == [lines[0], ""] and data.endswith(b"\n\n")
+    assert json.loads(lines[0].removeprefix("data: "))["text"] == text
+    assert "你好".encode() in data  # everything else stays UTF-8, not \u-escaped
+
+
+def test_metrics_of_a_replica_carry_its_id_on_every_series():
+    from gptdeploy.serve.metrics import Metrics
+
+    metrics = Metrics(lambda: (1, 2), replica="r7")
+    metrics.answered("completions", "ok")
+    metrics.step(2, 0.001)
+    samples = [ln for ln in metrics.render()[0].decode().splitlines() if ln.startswith("gptdeploy_")]
+    assert samples and all('replica="r7"' in ln for ln in samples), samples
+    alone = Metrics(lambda: (0, 0)).render()[0].decode()
+    assert "replica" not in alone  # one server: no label
+
+
+def test_the_api_key_never_shows_in_the_config_repr():
+    config = ServeConfig(made("small").bundle, api_key="s3cret-key")
+    assert "s3cret" not in repr(config) and config.api_key == "s3cret-key"
+
+
+def test_a_service_that_fails_to_start_closes_its_engine(tmp_path):
+    from gptdeploy.engine import Engine
+    from gptdeploy.errors import GptDeployError
+    from gptdeploy.serve.service import Service
+
+    engine = Engine.load(made("small").bundle, threads=1)
+    with pytest.raises(GptDeployError, match="is a directory"):
+        Service(ServeConfig(made("small").bundle, audit_log=tmp_path), engine)
+    assert engine.runtime._closed
+    with pytest.raises(GptDeployError, match="closed"):
+        engine.submit("x", max_new_tokens=1)
+
+
+# ------------------------------------------------------------------- Ray Serve's builder
+
+
+def test_ray_builder_arguments_are_typed_checked_and_resolved(tmp_path, monkeypatch):
+    from dataclasses import fields
+
+    from gptdeploy.errors import GptDeployError
+    from gptdeploy.serve.rayserve import FIELDS, config_from_args
+
+    assert set(FIELDS) == {f.name for f in fields(ServeConfig)} - {"bundle"}  # one parser per field
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GPTDEPLOY_API_KEY", "from-env")
+    (tmp_path / "t.jinja").write_text("x")
+    config, replicas = config_from_args(
+        {"bundle": "b", "replicas": "2", "max_batch": "4", "audit_log": "a.log", "chat_template": "t.jinja",
+         "verify_hashes": "false", "request_timeout": "none", "grace": 2}
+    )
+    assert replicas == 2 and config.max_batch == 4 and config.verify_hashes is False
+    assert config.request_timeout is None and config.grace == 2.0
+    assert config.bundle == tmp_path / "b" and config.audit_log == tmp_path / "a.log"
+    assert config.chat_template == tmp_path / "t.jinja"
+    assert config.api_key == "from-env"  # GPTDEPLOY_API_KEY, as `gptdeploy serve` reads it
+    assert config_from_args({"bundle": "b", "api_key": "given"})[0].api_key == "given"
+    with pytest.raises(GptDeployError, match="unknown argument.*max_batchh"):
+        config_from_args({"bundle": "b", "max_batchh": "4"})
+    with pytest.raises(GptDeployError, match="max_batch='four'"):
+        config_from_args({"bundle": "b", "max_batch": "four"})
+    with pytest.raises(GptDeployError, match="verify_hashes"):
+        config_from_args({"bundle": "b", "verify_hashes": "maybe"})
+    with pytest.raises(GptDeployError, match="bundle=DIR"):
+        config_from_args({"replicas": "2"})
+    monkeypatch.setenv("GPTDEPLOY_API_KEY", "")
+    with pytest.raises(GptDeployError, match="must be non-empty"):
+        config_from_args({"bundle": "b"})
+
+
+def test_ray_replicas_reserve_the_cpus_their_threads_use():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'gptdeploy[ray]'")
+    from gptdeploy.machine import physical_cores
+    from gptdeploy.serve.rayserve import application
+
+    bundle = made("small").bundle
+    given = application(ServeConfig(bundle, threads=3, grace=7), replicas=2)._bound_deployment
+    assert given.ray_actor_options["num_cpus"] == 3
+    assert given._deployment_config.graceful_shutdown_timeout_s == 12.0
+    shared = application(ServeConfig(bundle), replicas=2)._bound_deployment
+    assert shared.ray_actor_options["num_cpus"] == max(1, physical_cores() // 2)

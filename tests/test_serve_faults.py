@@ -225,3 +225,84 @@ def _counter(text: str, outcome: str) -> int:
     line = f'gptdeploy_requests_total{{endpoint="completions",outcome="{outcome}"}} '
     found = [ln for ln in text.splitlines() if ln.startswith(line)]
     return int(float(found[0].split()[-1])) if found else 0
+
+
+# ------------------------------------------------------------------ the server's own faults
+
+
+def _boom(*args):
+    raise RuntimeError("boom at 0x7f3a")
+
+
+def test_a_runtime_failure_is_a_500_whose_detail_stays_in_the_log(caplog):
+    with in_process(_config()) as live:
+        runtime = live.service.engine.runtime
+        decode, runtime._decode = runtime._decode, _boom
+        body = {"model": "tiny", "prompt": "The quick", "max_tokens": 5}
+        r = httpx.post(live.url + "/v1/completions", json=body)
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "internal_error"
+        assert "boom" not in r.text and "0x7f3a" not in r.text
+        with pytest.raises(openai.InternalServerError):
+            live.client().completions.create(model="tiny", prompt="x", max_tokens=2)
+        with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["type"] == "server_error" and "boom" not in json.dumps(events)
+        assert "boom at 0x7f3a" in caplog.text  # the operator sees it
+        runtime._decode = decode
+        assert httpx.post(live.url + "/v1/completions", json=body).status_code == 200
+        assert live.health()["status"] == "ok"
+        text = httpx.get(live.url + "/metrics").text
+        assert _counter(text, "500") == 3
+
+
+def test_an_audit_log_that_cannot_be_written_is_a_500(tmp_path):
+    from gptdeploy.errors import AuditError
+
+    with in_process(_config(audit_log=tmp_path / "audit.log")) as live:
+
+        def full(*args):
+            raise AuditError("cannot append to audit.log: No space left on device")
+
+        live.service.audit._append = full
+        r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "space" not in r.text
+
+
+def test_an_engine_that_cannot_recover_reports_unhealthy_and_refuses_with_503():
+    with in_process(_config()) as live:
+        runtime = live.service.engine.runtime
+        reset = runtime.reset
+        runtime._decode, runtime.reset = _boom, lambda: _boom()
+        r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5})
+        assert r.status_code == 500
+        health = httpx.get(live.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        r = httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 5})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
+        runtime.reset = reset
+
+
+def test_a_client_that_leaves_a_stream_still_counts_the_tokens_it_was_given():
+    with in_process(_config(), delay=0.01) as live:
+        with httpx.stream(
+            "POST",
+            live.url + "/v1/completions",
+            json={"model": "tiny", "prompt": "The quick", "max_tokens": 100, "stream": True},
+            timeout=30,
+        ) as r:
+            read = 0
+            for line in r.iter_lines():
+                read += line.startswith("data: {")
+                if read == 10:
+                    break
+        assert live.until(lambda h: h["running"] == 0, 5.0)
+        text = httpx.get(live.url + "/metrics").text
+    assert _counter(text, "cancelled") == 1
+    assert _value(text, "gptdeploy_generated_tokens_total") >= 10
+    assert _value(text, "gptdeploy_time_to_first_token_seconds_count") == 1
+    assert _value(text, "gptdeploy_prompt_tokens_total") > 0
+
+
+def _value(text: str, name: str) -> float:
+    return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])

@@ -11,7 +11,7 @@ import pytest
 
 from gptdeploy import Generator
 from tests.runtime_bundles import made
-from tests.serve_harness import subprocess_server
+from tests.serve_harness import httpx, subprocess_server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'gptdeploy[ray]'")
 pytest.importorskip("openai", reason="the serve tests use the openai client: pip install 'gptdeploy[dev]'")
@@ -53,5 +53,8 @@ def test_two_ray_serve_replicas_answer_as_one_server_would():
         replicas = {rid.split("-")[1][:8] for rid, _ in answers}  # each replica names its own request ids
         assert len(replicas) == 2, replicas
         assert live.health()["model"] == "tiny"
+        metrics = httpx.get(live.url + "/metrics", timeout=30).text  # one replica's, labelled as such
+        labels = {ln.split('replica="')[1].split('"')[0] for ln in metrics.splitlines() if 'replica="' in ln}
+        assert len(labels) == 1, labels
         live.process.terminate()
         assert live.process.wait(120) == 0

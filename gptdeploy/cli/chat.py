@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from gptdeploy.cli.generate import chat_options, runtime_options, sampling_options
-from gptdeploy.errors import ContextOverflowError, GenerationError
+from gptdeploy.errors import GenerationError
 
 COMMANDS = {"/reset": "clear the history", "/exit": "quit"}
 
@@ -25,8 +25,9 @@ def chat(bundle: Path, system: str | None, template_file: Path | None, backend: 
 
     The history is kept within the model's context: the oldest turns are dropped (never the
     system message) when it would not fit, and stderr says so. /reset clears the history;
-    /exit or the end of input quits. A message too long to fit even alone is refused with an
-    `error:` line on stderr, and the chat goes on.
+    /exit or the end of input quits. A message the model cannot take (too long to fit even
+    alone, characters its vocabulary lacks, ...) is refused with an `error:` line on stderr,
+    and the chat goes on.
     """
     from gptdeploy.chat import ChatTemplate, Conversation
     from gptdeploy.generate import Generator  # numpy + onnxruntime only
@@ -54,12 +55,12 @@ def chat(bundle: Path, system: str | None, template_file: Path | None, backend: 
 def _answer(convo, line: str, sampling: dict) -> None:
     try:
         reply = convo.reply(line, **sampling)
-    except ContextOverflowError as exc:  # this message only: the conversation goes on
+    except GenerationError as exc:  # this message is refused; the conversation goes on
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         return
     if reply.dropped:
         click.echo(f"[dropped the {reply.dropped} oldest turn(s) to fit the model's "
-                   f"{convo.generator.max_context}-position context]", err=True)
+                   f"{convo.generator.engine.max_context}-position context]", err=True)
     with reply:
         for piece in reply:
             click.echo(piece, nl=False)

@@ -95,6 +95,16 @@ def serve(
     bundle: Path,
     host: str,
     port: int,
+    model: str | None,
+    max_batch: int,
+    max_queue: int,
+    request_timeout: float,
+    audit_log: Path | None,
+    audit_float32: bool,
+    api_key: str | None,
+    max_body_bytes: int,
+    grace: float,
+    chat_template: Path | None,
     backend: str,
     graph: str | None,
     threads: int | None,
@@ -102,8 +112,6 @@ def serve(
     use_ray: bool,
     replicas: int,
     log_level: str,
-    api_key: str | None,
-    **limits,
 ) -> None:
     """Serve BUNDLE over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models,
     /health and /metrics. Stops on SIGTERM or Ctrl-C, giving requests in flight --grace seconds."""
@@ -116,12 +124,20 @@ def serve(
 
     config = ServeConfig(
         bundle,
+        model=model,
         backend=backend,
         graph=graph,
         threads=threads,
         verify_hashes=not no_verify_hashes,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        audit_log=audit_log,
+        audit_float32=audit_float32,
         api_key=api_key_from(api_key),
-        **limits,
+        max_body_bytes=max_body_bytes,
+        grace=grace,
+        chat_template=chat_template,
     )
     if use_ray:
         from gptdeploy.serve.rayserve import serve_with_ray

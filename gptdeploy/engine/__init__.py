@@ -13,7 +13,13 @@
 numpy only, like the rest of the run path. gptdeploy.Generator runs on it.
 """
 
+import logging
+
 from gptdeploy.engine.loop import Engine, EngineLimits
 from gptdeploy.engine.ticket import Ticket
+
+# A library logs only where the application set logging up (the server does: serve/run.py), so a
+# fault reaches the CLI as its one `error:` line, not also as a traceback from logging's fallback.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["Engine", "EngineLimits", "Ticket"]

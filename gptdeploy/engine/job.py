@@ -2,7 +2,9 @@
 rules and text state, its place in the KV cache, timings and the attention it ran with. numpy only.
 
 A job's next token depends only on its own logits row and its own sampler, so it samples the
-same alone or among others. Shapes: V tokenizer vocabulary, nh heads, P cache positions.
+same alone or among others. The row itself is equal only to float32 rounding: the batch's
+padded cache width changes the order of sums (measured: logits within 3e-7, attention within
+1.3e-7 of a run alone). Shapes: V tokenizer vocabulary, nh heads, P cache positions.
 """
 
 from __future__ import annotations

@@ -8,12 +8,15 @@ either blocking (`for piece in ticket`) or in an asyncio loop (`async for piece 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from gptdeploy.errors import GptDeployError, RequestAborted
 from gptdeploy.results import GenerationResult
+
+log = logging.getLogger(__name__)
 
 
 class Ticket:
@@ -31,6 +34,8 @@ class Ticket:
         self.error: GptDeployError | None = None
         self.t_submit = 0.0  # time.perf_counter() when queued
         self.max_new_tokens = 0  # the request's limit
+        self.prompt_tokens = 0  # the prompt's length in tokens
+        self._callbacks: list[Callable[[Ticket], None]] = []
         self.token_times: list[float] = []  # perf_counter() of each generated token, set at the end
 
     # -- the engine's side ----------------------------------------------------------------------
@@ -52,6 +57,15 @@ class Ticket:
             self._ended, self.result, self.error = True, result, error
             self.token_times = token_times or []
             self._notify()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            self._call(callback)
+
+    def _call(self, callback: Callable[[Ticket], None]) -> None:
+        try:
+            callback(self)
+        except Exception:  # an observer's bug must not stop the engine thread that ends tickets
+            log.exception("a done callback of request %s failed", self.id)
 
     def _notify(self) -> None:  # holding self._cond
         self._cond.notify_all()
@@ -66,6 +80,15 @@ class Ticket:
     @property
     def done(self) -> bool:
         return self._ended
+
+    def add_done_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Call `callback(ticket)` once the request has ended, however it ended (on the engine's
+        thread; at once, on this one, if it has ended already). For observers such as metrics."""
+        with self._cond:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return
+        self._call(callback)
 
     def cancel(self) -> None:
         """End the request (RequestAborted, reason "cancelled"); a no-op once it has ended."""

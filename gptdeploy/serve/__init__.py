@@ -5,7 +5,7 @@
     app.py       the Starlette app: /v1/completions, /v1/chat/completions (plain or SSE), /v1/models,
                  /health, /metrics
     shapes.py    response bodies and stream chunks as OpenAI's clients parse them
-    errors.py    OpenAI-style error bodies; library errors mapped to 4xx in one place
+    errors.py    OpenAI-style error bodies; library errors mapped to 4xx (the caller's) or 500 in one place
     auth.py      Bearer API key, compared in constant time
     audit.py     audit records appended while serving, one writer
     metrics.py   Prometheus metrics

@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from gptdeploy.engine import Ticket
-from gptdeploy.errors import ContextOverflowError, GptDeployError
+from gptdeploy.errors import GptDeployError
 from gptdeploy.serve import auth, shapes
-from gptdeploy.serve.errors import INTERNAL, ApiError, from_library, invalid
+from gptdeploy.serve.errors import ApiError, from_library, internal, invalid
 from gptdeploy.serve.schemas import Parsed, parse_chat, parse_completion
 from gptdeploy.serve.service import Service
 
@@ -71,12 +71,13 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """200 "ok"; 503 "draining" (shutting down) or "failed" (the engine stopped after a fault)."""
     service = _service(request)
     queued, running = service.engine.occupancy()
-    status = "draining" if service.draining else "ok"
+    status = "failed" if service.engine.failure else "draining" if service.draining else "ok"
     return JSONResponse(
         {"status": status, "model": service.model, "queued": queued, "running": running},
-        status_code=503 if service.draining else 200,
+        status_code=200 if status == "ok" else 503,
     )
 
 
@@ -101,13 +102,20 @@ async def _generate(request: Request, endpoint: str, parse) -> Response:
                 "service_unavailable",
                 code="shutting_down",
             )
+        if service.engine.failure is not None:
+            raise ApiError(
+                503,
+                "this server's engine stopped after a fault; retry on another replica",
+                "service_unavailable",
+                code="engine_failed",
+            )
         parsed: Parsed = parse(await _read_json(request, service.config.max_body_bytes))
         service.check_model(parsed.model)
         rid = service.request_id("chatcmpl" if endpoint == "chat" else "cmpl")
         tickets = service.submit(parsed, rid)
     except (ApiError, GptDeployError) as exc:
-        error = exc if isinstance(exc, ApiError) else from_library(exc, _param(exc))
-        service.metrics.ended(endpoint, str(error.status))
+        error = exc if isinstance(exc, ApiError) else from_library(exc, _prompt_field(endpoint))
+        service.metrics.answered(endpoint, str(error.status))
         raise error from None
     chunks = shapes.Chunks(rid, service.model, endpoint == "chat")
     if parsed.stream:
@@ -130,13 +138,13 @@ async def _answer(
         audit = [await service.audit_record(t, parsed) for t in tickets]
         outcome = "ok"
     except GptDeployError as exc:
-        error = from_library(exc)
+        error = from_library(exc, _prompt_field(endpoint))
         outcome = str(error.status)
         raise error from None
     finally:
         for t in tickets:
             t.cancel()  # a no-op for finished ones; frees the rows of a cancelled handler
-        service.metrics.ended(endpoint, outcome, tickets)
+        service.metrics.answered(endpoint, outcome)  # tokens: when each ticket ends (Service.submit)
     if endpoint == "chat":
         body = shapes.chat_completion(rid, service.model, results[0], audit[0])
     else:
@@ -181,13 +189,17 @@ async def _events(service: Service, endpoint: str, parsed: Parsed, ticket: Ticke
             yield chunks.usage(ticket.result)
         yield shapes.DONE
         outcome = "ok"
-    except GptDeployError as exc:  # after the 200 went out: the error travels as an event
-        error = from_library(exc)
+    except Exception as exc:  # after the 200 went out: the error travels as an event
+        if isinstance(exc, GptDeployError):
+            error = from_library(exc, _prompt_field(endpoint))
+        else:
+            log.error("stream %s failed", chunks.rid, exc_info=exc)
+            error = internal()
         outcome = str(error.status)
         yield shapes.error_event(error.body())
     finally:
         ticket.cancel()
-        service.metrics.ended(endpoint, outcome, [ticket])
+        service.metrics.answered(endpoint, outcome)
 
 
 async def _read_json(request: Request, limit: int) -> object:
@@ -217,11 +229,8 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
-def _param(exc: GptDeployError) -> str | None:
-    """The field a request check blames: a prompt that fills the context alone, or max_tokens."""
-    if isinstance(exc, ContextOverflowError):
-        return "prompt" if "shorten the prompt to" in str(exc) else "max_tokens"
-    return None
+def _prompt_field(endpoint: str) -> str:
+    return "messages" if endpoint == "chat" else "prompt"
 
 
 def _service(request: Request) -> Service:
@@ -250,4 +259,5 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(INTERNAL.body(), status_code=INTERNAL.status)
+    error = internal()
+    return JSONResponse(error.body(), status_code=error.status)

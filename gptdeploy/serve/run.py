@@ -9,6 +9,7 @@ their responses, the lifespan closes the engine and waits for audit appends in f
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import threading
@@ -34,6 +35,7 @@ def serve(
     is called once the socket listens."""
     import uvicorn  # the `serve` extra
 
+    log_to_stderr(log_level)
     service = Service(config)
     try:
         sock = listen(host, port)
@@ -49,6 +51,17 @@ def serve(
         _server(uv, service).run(sockets=[sock])
     finally:
         service.close()  # also when uvicorn never reached its lifespan shutdown
+
+
+def log_to_stderr(level: str) -> None:
+    """gptdeploy's own records (engine faults, the detail behind a 500) to stderr at `level`, as
+    uvicorn logs its own; uvicorn configures only its loggers."""
+    logger = logging.getLogger("gptdeploy")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def listen(host: str, port: int) -> socket.socket:

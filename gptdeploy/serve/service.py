@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptdeploy.audit.record import AuditOptions
@@ -35,7 +35,7 @@ class ServeConfig:
     request_timeout: float | None = 600.0  # seconds from arrival to the last token
     audit_log: Path | None = None
     audit_float32: bool = False
-    api_key: str | None = None  # None: no Authorization needed
+    api_key: str | None = field(default=None, repr=False)  # None: no Authorization needed; never logged
     max_body_bytes: int = 1 << 20
     grace: float = 30.0  # on SIGTERM: seconds for requests in flight to finish
     chat_template: Path | None = None  # the operator's override of the bundle's template
@@ -48,9 +48,12 @@ class ServeConfig:
 
 
 class Service:
-    def __init__(self, config: ServeConfig, engine: Engine | None = None):
+    """Owns its engine (given or loaded) and audit sink: close() releases them. `replica` labels
+    the metrics of one replica among several (Ray Serve's replica id)."""
+
+    def __init__(self, config: ServeConfig, engine: Engine | None = None, replica: str | None = None):
         self.config = config
-        self.metrics = Metrics(lambda: self.engine.occupancy())
+        self.metrics = Metrics(lambda: self.engine.occupancy(), replica)
         self.engine = engine or Engine.load(
             config.bundle,
             config.backend,
@@ -62,12 +65,16 @@ class Service:
         )
         self.model = config.model or Path(config.bundle).resolve().name
         self.audit = None
-        if config.audit_log is not None:
-            AuditSink.check(self.engine, config.audit_log)
-            self.audit = AuditSink(
-                config.audit_log, AuditOptions(dtype="float32" if config.audit_float32 else "float16")
-            )
-        self.template = self._template()
+        try:
+            if config.audit_log is not None:
+                AuditSink.check(self.engine, config.audit_log)
+                self.audit = AuditSink(
+                    config.audit_log, AuditOptions(dtype="float32" if config.audit_float32 else "float16")
+                )
+            self.template = self._template()
+        except BaseException:  # a service that never started releases what it already holds
+            self.close()
+            raise
         self.created = int(time.time())
         self.draining = False
         self._ids = itertools.count()
@@ -101,7 +108,10 @@ class Service:
         if fields["max_new_tokens"] is None:  # chat without max_tokens: the room the context leaves
             fields["max_new_tokens"] = max(1, self.engine.max_context - max(len(p) for p in ids))
         req = self.engine.check(ids, GenerationOptions(**fields), stream=parsed.stream)
-        return self.engine.enqueue(req, self.config.request_timeout, rid)
+        tickets = self.engine.enqueue(req, self.config.request_timeout, rid)
+        for t in tickets:  # tokens and timings count when the engine ends each one, cancelled too
+            t.add_done_callback(self.metrics.ticket_ended)
+        return tickets
 
     def _prompt_ids(self, parsed: Parsed) -> list[list[int]]:
         tok = self.engine.tokenizer
@@ -135,6 +145,8 @@ class Service:
 
     def close(self) -> None:
         self.draining = True
-        self.engine.close(grace=0)
-        if self.audit is not None:
-            self.audit.close()
+        try:
+            self.engine.close(grace=0)
+        finally:
+            if self.audit is not None:
+                self.audit.close()

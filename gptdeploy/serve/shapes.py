@@ -18,8 +18,16 @@ DONE = b"data: [DONE]\n\n"
 FINISH = {"eos": "stop", "stop_token": "stop", "stop_string": "stop", "length": "length"}
 
 
+# Characters that JSON may carry raw but that line splitters other than SSE's own treat as line
+# breaks (Python's str.splitlines, which httpx's iter_lines uses; JavaScript line separators): escaped,
+# so an event is always one line. JSON's own escapes, so every parser reads the same text.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
+
+
 def event(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    """One server-sent event: `data: {json}` on one line (UTF-8, line breaks escaped), then a blank line."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
