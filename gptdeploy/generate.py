@@ -67,7 +67,9 @@ class Generator:
 
     @property
     def max_context(self) -> int:
-        return self.bundle.manifest.max_context
+        """Positions a request may use here: the model's context, or less where the runtime is bound
+        (a TensorRT engine built with a smaller --max-context)."""
+        return self.engine.max_context
 
     # -- public API: the options of each call are GenerationOptions' fields ------------------
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptdeploy.errors import GenerationError
+from gptdeploy.errors import GenerationError, RuntimeFailure
 
 # Top-p over a 50k vocabulary: a full sort costs ~3 ms a row; the nucleus almost always lies in
 # the few hundred most likely tokens, so we sort those first and fall back to the full sort.
@@ -74,7 +74,7 @@ class Sampler:
         if p.repetition_penalty != 1.0 and seen is not None:
             logits = penalize(logits, seen, p.repetition_penalty)
         if math.isnan(logits.max()):  # max propagates NaN: one reduction, not an elementwise mask
-            raise GenerationError("the model produced NaN logits; the graph or its weights are broken")
+            raise RuntimeFailure("the model produced NaN logits; the graph or its weights are broken")
         if p.greedy:
             return logits.argmax(axis=1)  # (B,), first index on ties, like torch.argmax
         u = self.rng.random(logits.shape[0])  # (B,), drawn for every row so rows never shift the stream

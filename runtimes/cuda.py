@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gptdeploy.errors import BackendUnavailable, GenerationError
+from gptdeploy.errors import BackendUnavailable, GenerationError, RuntimeFailure
 
 INSTALL = "pip install 'gptdeploy[tensorrt]'"
 # What to do about the CUDA errors a user can fix (cudaError_t names, driver_types.h). cuda-python
@@ -58,11 +58,11 @@ def describe(cudart, err) -> str:
 
 
 def call(cudart, result, what: str):
-    """Unpack `(err, *values)`; raise GenerationError naming the call and the error when err is not
+    """Unpack `(err, *values)`; raise RuntimeFailure naming the call and the error when err is not
     cudaSuccess."""
     err, values = result[0], result[1:]
     if err != cudart.cudaError_t.cudaSuccess:
-        raise GenerationError(f"CUDA call {what} failed: {describe(cudart, err)}")
+        raise RuntimeFailure(f"CUDA call {what} failed: {describe(cudart, err)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else values

@@ -17,7 +17,13 @@ from click.testing import CliRunner
 
 from gptdeploy import Generator
 from gptdeploy.bundle import Bundle
-from gptdeploy.errors import BackendUnavailable, BundleError, ContextOverflowError, GenerationError
+from gptdeploy.errors import (
+    BackendUnavailable,
+    BundleError,
+    ContextOverflowError,
+    GenerationError,
+    RuntimeFailure,
+)
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from gptdeploy.sampling import Sampler, SamplingParams, penalize
 from gptdeploy.tokenizer import IncrementalDecoder, Tokenizer
@@ -187,7 +193,7 @@ def test_nan_logits_are_a_clear_error_not_a_token():
     logits = np.zeros((2, 10), dtype=np.float32)
     logits[1, 3] = np.nan
     for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=0)):
-        with pytest.raises(GenerationError, match="NaN logits"):
+        with pytest.raises(RuntimeFailure, match="NaN logits"):
             Sampler(params)(logits, None)
 
 

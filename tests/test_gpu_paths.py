@@ -15,7 +15,7 @@ import pytest
 
 from gptdeploy.bundle import Bundle
 from gptdeploy.engines import compat_check
-from gptdeploy.errors import BackendUnavailable, ExportError, GenerationError
+from gptdeploy.errors import BackendUnavailable, ExportError, RuntimeFailure
 from gptdeploy.exporters.tensorrt import build_engine
 from gptdeploy.exporters.tensorrt import builder as tensorrt_build
 from gptdeploy.runtimes import cuda, ort_cuda
@@ -63,7 +63,7 @@ def test_a_driver_older_than_cuda_python_is_named_not_called_no_gpu(monkeypatch,
 
 def test_failed_cuda_calls_say_the_error_name_and_the_fix():
     cudart = FakeCudart()
-    with pytest.raises(GenerationError, match=r"cudaMalloc\(8\) failed: cudaErrorMemoryAllocation \(out of"):
+    with pytest.raises(RuntimeFailure, match=r"cudaMalloc\(8\) failed: cudaErrorMemoryAllocation \(out of"):
         cuda.call(cudart, (2,), "cudaMalloc(8)")
     assert cuda.call(cudart, (0, 7), "x") == 7
 
