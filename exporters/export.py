@@ -46,11 +46,23 @@ class GraphOptions:
     precision: str = "fp32"
     attentions: bool = True  # audit graphs return attention probabilities
     last_logits_only: bool = True  # prefill computes logits at the last position only
+    kv_cache: str = "float"  # "int8": int8 KV cache in a fused int8 / int4 graph (exporters/kv_quant.py)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.kv_cache not in ("float", "int8"):
+            raise ExportError(f"unknown KV cache type {self.kv_cache!r}; choose float or int8")
+        if self.kv_cache == "int8" and self.precision not in ("int8", "int4"):
+            raise ExportError("an int8 KV cache is for int8 and int4 graphs (their perplexity and margin bounds "
+                              "measure it); add --int8 or --int4")
 
     @property
     def fused(self) -> bool:
-        """CPU graphs without attention outputs are fused; fp16 graphs stay standard ONNX for TensorRT."""
-        return not self.attentions and self.precision != "fp16"
+        """CPU graphs are fused: fp32 without attention outputs, and every int8 / int4 graph (CPU-only
+        either way; GroupQueryAttention returns the attention outputs of an audit graph). fp16 and
+        the fp32 audit graph stay standard ONNX for TensorRT."""
+        return self.precision in ("int8", "int4") or (self.precision == "fp32" and not self.attentions)
 
 
 @dataclass
@@ -132,6 +144,7 @@ def export_bundle(
     last_logits_only: bool = True,
     eval_text: Path | None = None,
     external_data: bool | None = None,
+    kv_cache: str = "float",
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `source_path` to a bundle at `out`; raises ParityError (nothing written) if parity fails.
@@ -141,12 +154,11 @@ def export_bundle(
     last_logits_only: the graph returns logits for the last position only, which is all that
     generation reads; False keeps every position's (for scoring text).
     eval_text: held-out text for the perplexity check of int8/int4 (see exporters/evaltext.py).
+    kv_cache: "float" (the graph's dtype), or "int8" for int8 / int4 graphs (exporters/kv_quant.py).
     """
     from gptdeploy.exporters.sources import load_source
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    options = GraphOptions(precision, attentions, last_logits_only)
+    options = GraphOptions(precision, attentions, last_logits_only, kv_cache)
     stage = on_stage or (lambda s: log.info("%s", s))
     out = Path(out)
     _check_output_dir(out, force)
@@ -187,17 +199,23 @@ def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_
     from gptdeploy.exporters.sources.tokenizer_files import write_bundle_files
 
     tok_entry, tok_files = write_bundle_files(tok, tmp, TOKENIZER_FILE)  # tokenizer.json (+ chat_template.jinja)
+    from gptdeploy.exporters.interop import write_interop_files
+
+    # config.json, generation_config.json, genai_config.json: Optimum and onnxruntime-genai load the bundle
+    interop = write_interop_files(source, tmp, tok_entry, GRAPH_FILE, built.signature)
 
     stage("writing manifest")
     name = options.precision
     weights = graph_weights(cfg, source.state, options.precision, tmp / GRAPH_FILE)  # for the torch runtime
-    files = [GRAPH_FILE, *tok_files] + ([built.data_file] if built.data_file else [])
+    files = [GRAPH_FILE, *tok_files, *interop.files] + ([built.data_file] if built.data_file else [])
     manifest = Manifest(
         config=cfg,
-        graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file, weights)},
+        graphs={name: GraphEntry(name, GRAPH_FILE, options.precision, built.signature, built.data_file, weights,
+                                 kv_shared_buffer=built.kv_shared_buffer)},
         tokenizer=tok_entry,
         files={f: sha256_file(tmp / f) for f in files},
-        source={"kind": source.kind, "path": str(Path(source.path).resolve()), **source.description},
+        source={"kind": source.kind, "path": str(Path(source.path).resolve()), **source.description,
+                "interop": interop.notes},
         tools=tool_versions(),
         parity={name: built.report.to_dict() | {"graph": built.graph_info}},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -30,10 +30,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gptdeploy.exporters.onnx import (
+from gptdeploy.exporters.graph_files import (
     MAX_INLINE_WEIGHTS,
-    _nbytes,
     expose_gemv_weights,
+    nbytes,
     save_graph,
     weight_bytes,
 )
@@ -41,12 +41,35 @@ from gptdeploy.exporters.onnx import (
 log = logging.getLogger(__name__)
 
 QUANTIZED = ("int8", "int4")
-# Blocks of 32 (the quantizer's default is 128) for 3% more size: on a first training of the
-# sample, 128 made greedy decoding diverge at a 1.10-nat fp32 margin (32: 0.18); on the retrained
-# sample both stay within 0.4 nats (perplexity +0.57% with 128, +0.69% with 32), measured.
-INT4_BLOCK = 32
-INT4_ACCURACY_LEVEL = 4  # activations quantized to int8 per block; level 0 gave the same perplexity on the sample
 LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one precision stores and multiplies its Linear weights."""
+
+    op: str  # "DynamicQuantizeMatMul" (quantize_dynamic) or "MatMulNBits"
+    bits: int
+    block_size: int = 0  # MatMulNBits: weights per scale, along the input axis
+    accuracy_level: int = 0  # MatMulNBits: 4 = activations quantized to int8 per block (VNNI kernels)
+
+    def describe(self) -> str:
+        if self.op == "DynamicQuantizeMatMul":
+            return "onnxruntime quantize_dynamic: int8 weights (symmetric, per tensor), uint8 activations per call"
+        return (f"onnxruntime MatMulNBits: int{self.bits} weights in blocks of {self.block_size} (symmetric, "
+                f"fp32 scale per block), accuracy_level {self.accuracy_level}"
+                + (" (int8 activations)" if self.accuracy_level == 4 else ""))
+
+
+SCHEMES = {
+    "int8": Scheme("DynamicQuantizeMatMul", 8),
+    # Blocks of 32 (the quantizer's default is 128) for 3% more size: on a first training of the
+    # sample, 128 made greedy decoding diverge at a 1.10-nat fp32 margin (32: 0.18); on the retrained
+    # sample both stay within 0.4 nats (perplexity +0.57% with 128, +0.69% with 32), measured.
+    # accuracy_level 4: activations quantized to int8 per block; level 0 gave the same perplexity
+    # on the sample.
+    "int4": Scheme("MatMulNBits", 4, block_size=32, accuracy_level=4),
+}
 
 
 @dataclass
@@ -68,10 +91,12 @@ class QuantizationReport:
         }
 
 
-def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> QuantizationReport:
-    """Write the `precision` ("int8" or "int4") variant of `fp32` to `out` (fp32 is not modified)."""
+def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path, scheme: Scheme | None = None) -> QuantizationReport:
+    """Write the `precision` ("int8" or "int4") variant of `fp32` to `out` (fp32 is not modified);
+    `scheme`: another layout than the precision's own (SCHEMES), for measurements."""
     if precision not in QUANTIZED:
         raise ValueError(f"precision must be one of {QUANTIZED}, got {precision!r}")
+    scheme = scheme or SCHEMES[precision]
     proto = onnx.ModelProto()
     proto.CopyFrom(fp32)
     linear = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in _inits(proto)]
@@ -80,11 +105,11 @@ def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> Quantiza
     expose_gemv_weights(proto)  # wte is read by the Gather only now: no longer listed as an input
     sizes[LM_HEAD] = int(np.prod(_inits(proto)[LM_HEAD].dims))
     tables = gather_tables_to_fp16(proto)
-    if precision == "int8":
-        method = _int8(proto, out)
+    if scheme.op == "DynamicQuantizeMatMul":
+        _int8(proto, out)
     else:
-        method = _int4(proto, out)
-    return _report(onnx.load(str(out), load_external_data=False), method, sizes, tables, out)
+        _nbits(proto, out, scheme)
+    return _report(onnx.load(str(out), load_external_data=False), scheme.describe(), sizes, tables, out)
 
 
 def _inits(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -142,7 +167,7 @@ def gather_tables_to_fp16(proto: onnx.ModelProto) -> list[str]:
     return done
 
 
-def _int8(proto: onnx.ModelProto, out: Path) -> str:
+def _int8(proto: onnx.ModelProto, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -158,23 +183,20 @@ def _int8(proto: onnx.ModelProto, out: Path) -> str:
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
             )
         save_graph(onnx.load(str(dst)), out)  # our layout: aligned, memory-mappable external data
-    return "onnxruntime quantize_dynamic: int8 weights (symmetric, per tensor), uint8 activations per call"
 
 
-def _int4(proto: onnx.ModelProto, out: Path) -> str:
+def _nbits(proto: onnx.ModelProto, out: Path, scheme: Scheme) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     with _quiet():
-        # Symmetric: ~13% faster decoding than asymmetric on the 124M shape (same run), at +0.69%
-        # vs +0.25% perplexity on the sample (measured).
+        # Symmetric: ~13% faster decoding than asymmetric on the 124M shape (int4, same run), at
+        # +0.69% vs +0.25% perplexity on the sample (measured).
         q = MatMulNBitsQuantizer(
-            proto, bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL,
-            op_types_to_quantize=("MatMul",),
+            proto, bits=scheme.bits, block_size=scheme.block_size, is_symmetric=True,
+            accuracy_level=scheme.accuracy_level, op_types_to_quantize=("MatMul",),
         )
         q.process()
     save_graph(q.model.model, out)
-    return (f"onnxruntime MatMulNBits: int4 weights in blocks of {INT4_BLOCK} (symmetric, fp32 scale per block), "
-            f"accuracy_level {INT4_ACCURACY_LEVEL} (int8 activations)")
 
 
 def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list[str], out: Path) -> QuantizationReport:
@@ -185,11 +207,11 @@ def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list
         if name not in names:  # replaced by its quantized form
             report.quantized[name] = n
     for t in q.graph.initializer:
-        nbytes = _nbytes(t)
+        size = nbytes(t)
         if t.data_type in quantized_types or t.name.endswith(("_scale", "_scales", "_zero_point", "_zero_points")):
-            report.quantized_bytes += nbytes
+            report.quantized_bytes += size
             continue
-        report.float_bytes += nbytes
+        report.float_bytes += size
         if t.name in tables:
             why = "Gather table: one row read per token; stored fp16, cast to fp32 after the Gather"
         elif "ln_" in t.name or t.name.endswith("bias") or len(t.dims) <= 1:
@@ -214,4 +236,4 @@ class _quiet:
         logging.getLogger().setLevel(self._root)
 
 
-__all__ = ["QUANTIZED", "QuantizationReport", "gather_tables_to_fp16", "quantize_graph", "untie_lm_head"]
+__all__ = ["QUANTIZED", "SCHEMES", "QuantizationReport", "Scheme", "gather_tables_to_fp16", "quantize_graph", "untie_lm_head"]

@@ -3,11 +3,13 @@
     fp32   trace ─ parity vs source ─[no attentions: fuse ─ parity vs source]───────────── ship
     fp16   to_fp16 ─ trace ─ static check (fp32 islands, no contrib ops) ─ parity vs source,
            run by a CPU evaluator that computes in fp16 ───────────────────────────────── ship
-    int8   trace fp32 ─ parity vs source ─[fuse ─ parity]─ quantize ─ agreement vs fp32 ─ ship
+    int8   trace fp32 ─ parity vs source ─ fuse ─ parity ─ quantize ─[--kv-cache int8: scales
+           calibrated on the fp32 graph]─ agreement vs fp32 ────────────────────────────── ship
     int4   as int8, with MatMulNBits
 
-A fused graph that fails parity is dropped for the unfused one, and the report says so. Any
-other failure raises ParityError and nothing is written (export.py owns the directory).
+A fused graph that fails parity (or that onnxruntime cannot run) is dropped for the unfused one,
+and the report says so. Any other failure raises ParityError and nothing is written (export.py
+owns the directory).
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ class BuiltGraph:
     data_file: str | None
     report: object  # ParityReport (fp32, fp16) or AgreementReport (int8, int4)
     graph_info: dict = field(default_factory=dict)  # how it was built: fusion, quantization, fp32 islands
+
+    @property
+    def kv_shared_buffer(self) -> bool:
+        """Every layer's attention is GroupQueryAttention, which can write the KV cache in place."""
+        fusion = self.graph_info.get("fusion", {})
+        return bool(self.graph_info.get("fused")) and fusion.get("GroupQueryAttention (gptdeploy pass)", 0) > 0
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented)
+
+
+ORT_ERRORS = _ort_errors()
 
 
 def ort_session(path: Path):
@@ -96,7 +113,9 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     import onnx
 
     from gptdeploy.exporters.fusion import fuse_graph
-    from gptdeploy.exporters.onnx import export_onnx, save_graph
+    from gptdeploy.exporters.gqa import attention_params
+    from gptdeploy.exporters.graph_files import save_graph
+    from gptdeploy.exporters.onnx import export_onnx
 
     cfg = model.config
     stage(f"tracing {cfg.n_layer}-layer model to ONNX (fp32)")
@@ -112,16 +131,20 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     if not options.fused:
         return built
     stage("fusing attention, norms and GELU for onnxruntime")
-    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, decode_layout=options.precision == "fp32")
+    params = attention_params({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, decode_layout=options.precision == "fp32", params=params)
     built.graph_info["fusion"] = fusion.to_dict()
     with tempfile.TemporaryDirectory(prefix=".fused-", dir=path.parent) as tmp:
         fused_path = Path(tmp) / path.name  # same names, so the graph's external-data link stays valid
         fused_data = save_graph(fused, fused_path, external_data=data_file is not None)
         del fused
         stage("checking parity of the fused graph")
-        fused_report = source_parity(ort_session(fused_path), sig, reference, inputs, "fp32")
-        if not fused_report.passed:
-            why = fused_report.describe_failures()
+        try:
+            fused_report = source_parity(ort_session(fused_path), sig, reference, inputs, "fp32")
+            why = None if fused_report.passed else fused_report.describe_failures()
+        except ORT_ERRORS as exc:  # a kernel refused a shape the pass did not foresee
+            why = f"onnxruntime could not run it: {str(exc).strip().splitlines()[0]}"
+        if why:
             built.graph_info["fusion"]["kept"] = f"unfused: the fused graph failed parity ({why})"
             log.warning("fused graph failed parity; keeping the unfused graph: %s", why)
             return built
@@ -166,14 +189,17 @@ def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, e
     stage(f"quantizing to {options.precision}")
     quant = quantize_graph(onnx.load(str(fp32_path)), options.precision, path)
     data_file = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
+    ref_session, cfg, tok = ort_session(fp32_path), source.config, source.tokenizer
+    sig = fp32.signature
+    if options.kv_cache == "int8":
+        sig = _int8_kv_cache(fp32, ref_session, path, data_file, inputs, cfg, stage)
     stage(f"measuring the {options.precision} graph against the fp32 graph")
-    ref_session, session = ort_session(fp32_path), ort_session(path)
-    cfg, tok = source.config, source.tokenizer
+    session = ort_session(path)
     text = held_out_text(source, tok.json, tok.vocab_size, cfg.block_size, explicit=eval_text)
     if text is None:
         text = sampled_text(ref_session, fp32.signature, inputs.prompts, tok.vocab_size, cfg.block_size)
     report = check_agreement(
-        ref_session, fp32.signature, session, fp32.signature, precision=options.precision,
+        ref_session, fp32.signature, session, sig, precision=options.precision,
         prompts=inputs.prompts, eval_text=text, pad_id=inputs.pad_id, vocab=inputs.vocab,
         greedy_steps=inputs.steps,
     )
@@ -185,13 +211,34 @@ def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, e
     info = {
         "fused": fp32.graph_info["fused"],
         **({"fusion": fp32.graph_info["fusion"]} if "fusion" in fp32.graph_info else {}),
-        "quantization": quant.to_dict(),
+        "quantization": quant.to_dict() | ({"kv_cache": "int8, one fp32 scale per KV head and channel, "
+                                             "calibrated on the fp32 graph's sampled text"}
+                                            if options.kv_cache == "int8" else {}),
         "size": sizes,
         "fp32_parity": {"reference": fp32.report.reference, "passed": fp32.report.passed,
                         "summary": fp32.report.summary(),
                         "greedy_agree": f"{fp32.report.greedy_agree}/{fp32.report.greedy_steps}"},
     }
-    return BuiltGraph(fp32.signature, data_file, report, info)
+    return BuiltGraph(sig, data_file, report, info)
+
+
+def _int8_kv_cache(fp32: BuiltGraph, ref_session, path: Path, data_file, inputs: ParityInputs, cfg, stage) -> GraphSignature:
+    """The quantized graph at `path` rewritten to keep an int8 KV cache (exporters/kv_quant.py)."""
+    import onnx
+
+    from gptdeploy.exporters.graph_files import save_graph
+    from gptdeploy.exporters.kv_quant import calibrate, int8_kv_cache
+
+    if not fp32.kv_shared_buffer:
+        why = "; ".join(fp32.graph_info.get("fusion", {}).get("notes", [])) or "the graph was not fused"
+        raise ExportError(f"--kv-cache int8 needs the fused attention, which this model did not get ({why}); "
+                          "export without --kv-cache")
+    stage("calibrating the int8 KV cache on the fp32 graph")
+    scales = calibrate(ref_session, fp32.signature, inputs.prompts, inputs.pad_id, inputs.vocab, cfg.block_size)
+    proto = onnx.load(str(path))
+    sig = int8_kv_cache(proto, fp32.signature, scales)
+    save_graph(proto, path, external_data=data_file is not None)
+    return sig
 
 
 def _graph_bytes(path: Path, data_file: str | None) -> int:

@@ -49,6 +49,11 @@ class GraphEntry:
     # any graph, fused or not. Optional (bundles written before it have none); None for int8/int4
     # graphs, which hold no float weights to rebuild from. Left out of the hash: a dict has none.
     weights: dict[str, WeightRef] | None = field(default=None, hash=False)
+    # The graph's attention op may write the KV cache in place: a runtime can bind one buffer with
+    # spare capacity (B, nkv, capacity, hs) as both past_key_values.{i}.* and present.{i}.*, and
+    # only the new positions are written (com.microsoft.GroupQueryAttention). Without such a
+    # binding the graph follows the contract (present = past + new). Optional: absent means False.
+    kv_shared_buffer: bool = False
 
     def to_dict(self) -> dict:
         s = self.signature
@@ -63,6 +68,8 @@ class GraphEntry:
         }
         if self.weights is not None:
             d["weights"] = {k: ref.to_dict() for k, ref in self.weights.items()}
+        if self.kv_shared_buffer:
+            d["kv_shared_buffer"] = True
         return d
 
     @classmethod
@@ -77,7 +84,10 @@ class GraphEntry:
             data_file = d.get("data_file")
             if data_file is not None and not isinstance(data_file, str):
                 raise TypeError(f"data_file must be a file name, got {data_file!r}")
-            return cls(name, str(d["file"]), str(d["precision"]), sig, data_file, _weights(name, d.get("weights")))
+            shared = d.get("kv_shared_buffer", False)
+            if not isinstance(shared, bool):
+                raise TypeError(f"kv_shared_buffer must be true or false, got {shared!r}")
+            return cls(name, str(d["file"]), str(d["precision"]), sig, data_file, _weights(name, d.get("weights")), shared)
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest graph {name!r} is malformed: missing or bad field {exc}") from None
 

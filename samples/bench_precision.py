@@ -2,6 +2,7 @@
 
     python samples/make_gpt2_124m.py --out out/gpt2-124m --no-bundle      # the random-init 124M source
     python samples/bench_precision.py --source out/gpt2-124m/source --out out/precision
+    python samples/bench_precision.py --bundle before=DIR --bundle after=DIR --prompt-len 32,512
 
 Exports (once; reused when present) fp32 audit, fp32 with all logits, fp32 fused (no attention
 outputs), int8 and int4 (audit and fused) bundles of SOURCE, then measures each through the
@@ -87,16 +88,54 @@ def prefill_seconds(bundle, threads: int, prompt: np.ndarray, runs: int) -> floa
     return statistics.median(times)
 
 
+def measure(bundles: dict, threads: int, prompts: dict[int, np.ndarray], new_tokens: int, rounds: int) -> dict:
+    """{(name, prompt length): {"decode": [tok/s per round], "ttft": [s per round]}}, rounds alternating
+    the order of the bundles so that load from other processes spreads over every row."""
+    out = {(k, n): {"decode": [], "ttft": []} for k in bundles for n in prompts}
+    for r in range(rounds):
+        for k in (list(bundles) if r % 2 == 0 else list(bundles)[::-1]):
+            for n, prompt in prompts.items():
+                out[k, n]["decode"].append(decode_rate(bundles[k], threads, prompt, new_tokens))
+                out[k, n]["ttft"].append(prefill_seconds(bundles[k], threads, prompt, runs=3))
+        print(f"round {r + 1}: " + ", ".join(f"{k}@{n} {v['decode'][-1]:.1f} tok/s {v['ttft'][-1] * 1e3:.0f} ms"
+                                             for (k, n), v in out.items()), flush=True)
+    return out
+
+
+def compare(args) -> None:
+    """--bundle NAME=PATH ...: decode tok/s and TTFT of existing bundles at each --prompt-len."""
+    from gptdeploy.bundle import Bundle
+
+    bundles = {spec.split("=", 1)[0]: Bundle.load(Path(spec.split("=", 1)[1])) for spec in args.bundle}
+    vocab = next(iter(bundles.values())).manifest.tokenizer.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = {int(n): rng.integers(0, vocab, size=(args.batch, int(n)), dtype=np.int64) for n in args.prompt_len.split(",")}
+    result = measure(bundles, args.threads, prompts, args.new_tokens, args.rounds)
+    print(f"\n{'bundle':<24} {'prompt':>6} {'decode tok/s med':>16} {'best':>7} {'TTFT ms med':>12} {'best':>7}")
+    for (k, n), v in result.items():
+        print(f"{k:<24} {n:>6} {statistics.median(v['decode']):>16.1f} {max(v['decode']):>7.1f} "
+              f"{statistics.median(v['ttft']) * 1e3:>12.1f} {min(v['ttft']) * 1e3:>7.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({f"{k}@{n}": v for (k, n), v in result.items()}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, required=True)
+    ap.add_argument("--source", type=Path, help="export every variant of this source (or use --bundle)")
+    ap.add_argument("--bundle", action="append", default=[], help="NAME=PATH of an existing bundle; repeatable")
+    ap.add_argument("--json", type=Path, help="--bundle mode: write every round's figures here")
+    ap.add_argument("--batch", type=int, default=1, help="--bundle mode: rows decoded together (tok/s counts them all)")
     ap.add_argument("--out", type=Path, default=Path("out/precision"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--prompt-len", default="32", help="--bundle mode: comma-separated prompt lengths")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prefill-len", type=int, default=512)
     args = ap.parse_args()
+    if args.bundle:
+        return compare(args)
+    if args.source is None:
+        ap.error("give --source (export and measure every variant) or --bundle NAME=PATH")
 
     from gptdeploy.bundle import Bundle
 
@@ -104,7 +143,7 @@ def main() -> None:
     bundles = {k: Bundle.load(p) for k, p in export_all(args.source, args.out).items()}
     vocab = next(iter(bundles.values())).manifest.tokenizer.vocab_size
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, vocab, size=(1, args.prompt_len), dtype=np.int64)
+    prompt = rng.integers(0, vocab, size=(1, int(args.prompt_len)), dtype=np.int64)
     long_prompt = rng.integers(0, vocab, size=(1, args.prefill_len), dtype=np.int64)
 
     decoded = [k for k in bundles if k != "fp32 all-logits"]
@@ -132,7 +171,7 @@ def main() -> None:
     } for k, v in med.items()]
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
-        "settings": {"batch": 1, "prompt": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds},
+        "settings": {"batch": 1, "prompt": int(args.prompt_len), "new_tokens": args.new_tokens, "rounds": args.rounds},
         "decode": rows,
         "prefill": {
             "prompt": args.prefill_len,

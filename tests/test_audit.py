@@ -530,8 +530,8 @@ def test_padded_positions_get_no_attention(bundle):
 
 def test_a_record_identifies_model_runtime_and_sampling_and_reproduces_the_output(bundle, tmp_path):
     """Even an unseeded sampled generation: the record keeps the seed that was drawn."""
-    from gptdeploy.manifest import MANIFEST
     from gptdeploy.generate import Generator
+    from gptdeploy.manifest import MANIFEST
 
     _, b = bundle
     log = tmp_path / "a.log"

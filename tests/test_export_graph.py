@@ -10,14 +10,8 @@ import torch
 
 from gptdeploy import contract as io
 from gptdeploy.config import GPTConfig, Rope
-from gptdeploy.exporters.onnx import (
-    ALIGN,
-    INLINE_MAX_BYTES,
-    export_onnx,
-    expose_gemv_weights,
-    graph_inputs,
-    graph_io_problems,
-)
+from gptdeploy.exporters.graph_files import ALIGN, INLINE_MAX_BYTES, expose_gemv_weights, graph_inputs
+from gptdeploy.exporters.onnx import export_onnx, graph_io_problems
 from gptdeploy.exporters.quantize import untie_lm_head
 from gptdeploy.modeling import GPT
 from gptdeploy.steps import positions

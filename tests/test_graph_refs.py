@@ -140,7 +140,7 @@ def test_nested_subgraphs_sparse_and_training_tensors_are_found_like_onnx_finds_
 
 
 def test_exported_graphs_agree_with_onnx(tmp_path):
-    from gptdeploy.exporters.onnx import save_graph
+    from gptdeploy.exporters.graph_files import save_graph
 
     plain = made("small").bundle / "model.onnx"
     assert external_data_refs(plain) == []

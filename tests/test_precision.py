@@ -25,9 +25,6 @@ from tests.factories import make_hf_gpt2_dir
 
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "tiny-gpt"
 VAL = SAMPLE.parent / "corpus" / "val.txt"
-needs_sample = pytest.mark.skipif(
-    not (SAMPLE / "model.safetensors").is_file(), reason="samples/tiny-gpt is not trained (python samples/train_sample.py)"
-)
 PROMPTS = ["Once upon a time", "他喜欢吃", "The 3 dogs ran to the", "小红"]
 
 
@@ -136,7 +133,6 @@ def test_fp16_left_padding_gives_no_nan_or_inf(tiny):
         assert np.all(att[1, :, -1, :-1] == 0.0)  # the one real token never attends to padding
 
 
-@needs_sample
 def test_fp16_sample_logits_within_tolerance_and_greedy_identical(sample):
     report = sample["fp16"].parity
     assert report.passed, report.describe_failures()
@@ -178,7 +174,6 @@ def _nll_bundle(bundle, windows: np.ndarray, vocab: int) -> float:
     return total / (W * (L - 1))
 
 
-@needs_sample
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_sample_perplexity_and_greedy_within_bounds(sample, precision):
     """Recomputed here by another path (transformers for fp32, the ort runtime for the graph)."""
@@ -227,7 +222,6 @@ def _last_log_probs(bundle, ids: np.ndarray, vocab: int) -> np.ndarray:
     return lg - lg.max() - np.log(np.exp(lg - lg.max()).sum())
 
 
-@needs_sample
 def test_quantized_sample_sizes_and_float_tensors(sample):
     fp32 = sum(p.stat().st_size for p in sample["fp32"].bundle.path.iterdir())
     for precision, target in (("int8", 0.6), ("int4", 0.45)):
@@ -271,11 +265,13 @@ def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
     _, bundles = tiny
     fast = bundles["fast"].bundle
     info = fast.manifest.parity["fp32"]["graph"]
-    assert info["fused"] is True and info["fusion"]["MultiHeadAttention (gptdeploy pass)"] == 3
+    assert info["fused"] is True and info["fusion"]["GroupQueryAttention (gptdeploy pass)"] == 3
+    assert fast.graph().kv_shared_buffer and bundles["int4-fast"].bundle.graph().kv_shared_buffer
+    assert not bundles["fp32"].bundle.graph().kv_shared_buffer  # unfused: present = past + new, by Concat
     assert info["fusion"]["Linear as unpacked Gemm(transB=1) (gptdeploy pass)"] == 4 * 3  # 4 Linears a layer
     proto = onnx.load(str(fast.file("model.onnx")))
     ops = {n.op_type for n in proto.graph.node}
-    assert {"MultiHeadAttention", "FastGelu", "SkipLayerNormalization"} <= ops and "Softmax" not in ops
+    assert {"GroupQueryAttention", "FastGelu", "SkipLayerNormalization"} <= ops and "Softmax" not in ops
     assert "MatMul" not in ops  # every weight product is a Gemm on a stored (N, K) matrix, read unpacked
     overridable = {v.name for v in proto.graph.input} & {t.name for t in proto.graph.initializer}
     assert len(overridable) == 4 * 3 + 1 and "wte.weight" in overridable
@@ -286,7 +282,6 @@ def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
     assert _greedy(fast.path, prompts) == _greedy(bundles["fp32"].bundle.path, prompts)
 
 
-@needs_sample
 def test_fused_sample_same_greedy_tokens_as_audit_graph(sample):
     assert sample["fast"].bundle.manifest.parity["fp32"]["graph"]["fused"] is True
     assert _greedy(sample["fast"].bundle.path, PROMPTS) == _greedy(sample["fp32"].bundle.path, PROMPTS)
@@ -356,7 +351,7 @@ def test_verify_checks_tensorrt_parsing_of_standard_op_graphs_only(tiny):
 
 
 def test_verify_fails_on_what_tensorrt_would_reject(tiny, monkeypatch):
-    import gptdeploy.exporters.tensorrt.checks as checks
+    from gptdeploy.exporters.tensorrt import checks
 
     _, bundles = tiny
     monkeypatch.setattr(checks, "check_trt_operators", lambda path: ["op Foo is not in the table (1 node, first n)"])

@@ -12,12 +12,12 @@ import pytest
 import torch
 from onnxruntime.capi import _pybind_state as C
 
+from gptdeploy import machine
 from gptdeploy.bundle import Bundle
 from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BackendUnavailable, BundleError, GenerationError
 from gptdeploy.exporters.onnx import export_onnx
 from gptdeploy.modeling import GPT
-from gptdeploy import machine
 from gptdeploy.runtimes import backends
 from gptdeploy.runtimes.backends import open_runtime
 from gptdeploy.runtimes.ort import OrtRuntime

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 KINDS = {  # every graph kind `gptdeploy export` makes
     "fp32": {},  # audit graph: MatMul, LayerNormalization, attention outputs
-    "fp32-fused": {"attentions": False},  # Gemm(transB=1), SkipLayerNormalization, MultiHeadAttention
+    "fp32-fused": {"attentions": False},  # Gemm(transB=1), SkipLayerNormalization, GroupQueryAttention
     "fp16": {"precision": "fp16"},
     "fp16-no-attentions": {"precision": "fp16", "attentions": False},  # stays unfused (TensorRT)
     "int8": {"precision": "int8"},
@@ -88,7 +88,7 @@ def test_weights_map_covers_the_model_with_initializers_of_the_graph(exported, k
     linear = [ref.transposed for k, ref in graph.weights.items() if k.endswith(("c_attn.weight", "c_fc.weight"))]
     ops = {n.op_type for n in proto.graph.node}
     if kind == "fp32-fused":  # the reported defect: no node is named like the tracer's any more
-        assert {"MultiHeadAttention", "SkipLayerNormalization", "Gemm"} <= ops
+        assert {"GroupQueryAttention", "SkipLayerNormalization", "Gemm"} <= ops
         assert not any(n.name.endswith("c_attn/MatMul") for n in proto.graph.node)
         assert not any(linear)  # gemv stores Linear weights as nn.Linear does, (out, in)
     else:
@@ -139,14 +139,18 @@ def test_quantized_graphs_are_refused_naming_commands_that_work(exported, kind):
 def test_identical_tensors_stored_once_map_to_one_initializer(tmp_path):
     """A fresh model's LayerNorms are all ones and zeros: the tracer keeps one copy, fused or not."""
     from gptdeploy.exporters.fusion import fuse_graph
-    from gptdeploy.exporters.onnx import export_onnx, save_graph
+    from gptdeploy.exporters.gqa import attention_params
+    from gptdeploy.exporters.graph_files import save_graph
+    from gptdeploy.exporters.onnx import export_onnx
 
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=32, bias=True)
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     export_onnx(model, tmp_path / "audit.onnx")
     sig, _ = export_onnx(model, tmp_path / "plain.onnx", attentions=False, last_logits_only=True)
-    fused, _ = fuse_graph(onnx.load(str(tmp_path / "plain.onnx")), cfg, sig, decode_layout=True)
+    params = attention_params({k: v.numpy() for k, v in model.state_dict().items()})
+    fused, report = fuse_graph(onnx.load(str(tmp_path / "plain.onnx")), cfg, sig, decode_layout=True, params=params)
+    assert report.attention == cfg.n_layer  # layers found by their weights, biases deduplicated or not
     save_graph(fused, tmp_path / "fused.onnx")
     want = {k: v.numpy() for k, v in model.state_dict().items()}
     for name in ("audit.onnx", "fused.onnx"):

@@ -20,9 +20,11 @@ import click
 @click.option("--all-logits", is_flag=True, help="Return logits for every position, not only the last (for scoring text).")
 @click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out UTF-8 text for the --int8/--int4 perplexity check (default: the sample corpus's validation split).")
 @click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 32 MiB (the default from there up).")
+@click.option("--kv-cache", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="int8: keep the KV cache in int8 (with --int8 / --int4; checked by their perplexity and margin bounds).")
 def export(
     source: Path, out: Path, tokenizer: Path | None, force: bool, fp16: bool, int8: bool, int4: bool,
-    no_attentions: bool, all_logits: bool, eval_text: Path | None, external_data: bool,
+    no_attentions: bool, all_logits: bool, eval_text: Path | None, external_data: bool, kv_cache: str,
 ) -> None:
     """Export SOURCE (HF GPT-2 directory, nanoGPT ckpt.pt, or the gptdeploy sample) to a bundle."""
     from rich.console import Console
@@ -39,7 +41,7 @@ def export(
         result = export_bundle(
             source, out, tokenizer=tokenizer, force=force, precision=chosen[0] if chosen else "fp32",
             attentions=not no_attentions, last_logits_only=not all_logits, eval_text=eval_text,
-            external_data=external_data or None, on_stage=lambda s: status.update(s),
+            external_data=external_data or None, kv_cache=kv_cache, on_stage=lambda s: status.update(s),
         )
     graph = result.bundle.graph()
     p = result.parity
