@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from gptdeploy.chat import (
     ChatTemplate,
     ChatTemplateError,
-    Conversation,
     NoChatTemplate,
     chat_prompt_ids,
     check_messages,
@@ -24,6 +23,7 @@ from gptdeploy.chat import (
     prompt_ids,
 )
 from gptdeploy.cli import cli
+from gptdeploy.conversation import Conversation
 from gptdeploy.errors import ContextOverflowError, GenerationError
 from gptdeploy.generate import Generator
 from gptdeploy.manifest import TokenizerEntry
@@ -399,6 +399,7 @@ for name in ("torch", "transformers", "onnx"):
     sys.modules[name] = None  # any import of them fails
 from click.testing import CliRunner
 from gptdeploy.cli import cli
+from gptdeploy.conversation import Conversation
 r = CliRunner().invoke(cli, ["chat", sys.argv[1], "--max-new-tokens", "4"], input="你好\\nagain\\n")
 g = CliRunner().invoke(cli, ["generate", sys.argv[1], "hi", "--chat", "--max-new-tokens", "4"])
 leaked = sorted(m for m in ("torch", "transformers", "onnx") if sys.modules.get(m) is not None)

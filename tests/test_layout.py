@@ -21,7 +21,7 @@ CONTRACT = {
 # The run path: what an application embedding the Generator (or writing audit logs) loads.
 RUN_PATH = {
     "gptdeploy.steps", "gptdeploy.sampling", "gptdeploy.textstate", "gptdeploy.tokenizer",
-    "gptdeploy.options", "gptdeploy.results", "gptdeploy.generate", "gptdeploy.chat",
+    "gptdeploy.options", "gptdeploy.results", "gptdeploy.generate", "gptdeploy.chat", "gptdeploy.conversation",
     "gptdeploy.engine", "gptdeploy.engine.ticket", "gptdeploy.engine.job", "gptdeploy.engine.layout",
     "gptdeploy.engine.loop",
 }

@@ -16,6 +16,7 @@ import pytest
 from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BundleError, SourceError
 from gptdeploy.exporters.sources import tokenizer_files as tf
+from gptdeploy.exporters.sources import tokenizer_settings as ts
 from gptdeploy.generate import Generator
 from gptdeploy.manifest import MANIFEST, Manifest, TokenizerEntry
 from gptdeploy.tokenizer import Tokenizer
@@ -52,7 +53,7 @@ def test_tokens_as_strings_or_added_token_dicts_and_the_flags(tmp_path):
         "eos_token": "</s>", "pad_token": None, "unk_token": 7, "add_bos_token": True, "add_eos_token": False,
         "chat_template": CHATML,
     })
-    s = tf.read_settings(d)
+    s = ts.read_settings(d)
     assert s.tokens == {"bos_token": "<s>", "eos_token": "</s>"}  # null dropped, 7 ignored with a warning
     assert (s.add_bos_token, s.add_eos_token, s.chat_template) == (True, False, CHATML)
     assert s.files == (d / "tokenizer_config.json",)
@@ -61,30 +62,30 @@ def test_tokens_as_strings_or_added_token_dicts_and_the_flags(tmp_path):
 def test_special_tokens_map_fills_what_tokenizer_config_leaves_out(tmp_path):
     d = _dir(tmp_path, special_tokens_map__json={"bos_token": "<a>", "eos_token": "<b>"},
              tokenizer_config__json={"eos_token": "<c>"})
-    assert tf.read_settings(d).tokens == {"bos_token": "<a>", "eos_token": "<c>"}
+    assert ts.read_settings(d).tokens == {"bos_token": "<a>", "eos_token": "<c>"}
 
 
 def test_a_template_list_gives_default_and_chat_template_jinja_wins(tmp_path, caplog):
     listed = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     d = _dir(tmp_path, tokenizer_config__json={"chat_template": listed})
-    assert tf.read_settings(d).chat_template == "D"
+    assert ts.read_settings(d).chat_template == "D"
     (d / "chat_template.jinja").write_text("J", encoding="utf-8")
-    assert tf.read_settings(d).chat_template == "J"  # transformers: the file overrides the config
+    assert ts.read_settings(d).chat_template == "J"  # transformers: the file overrides the config
     (d / "chat_template.jinja").unlink()
     _dir(d, tokenizer_config__json={"chat_template": [{"name": "rag", "template": "R"}]})
     with caplog.at_level(logging.WARNING):
-        assert tf.read_settings(d).chat_template is None
+        assert ts.read_settings(d).chat_template is None
     assert "none named 'default'" in caplog.text and "--chat-template" in caplog.text
 
 
 def test_a_chat_template_of_another_type_is_a_source_error(tmp_path):
     d = _dir(tmp_path, tokenizer_config__json={"chat_template": {"default": "x"}})
     with pytest.raises(SourceError, match="chat_template must be a string or a list"):
-        tf.read_settings(d)
+        ts.read_settings(d)
 
 
 def test_no_settings_files_is_no_settings(tmp_path):
-    assert tf.read_settings(tmp_path) == tf.TokenizerSettings()
+    assert ts.read_settings(tmp_path) == ts.TokenizerSettings()
 
 
 # ---------------------------------------------------------------------------- EOS ids and BOS

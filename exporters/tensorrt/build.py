@@ -60,12 +60,7 @@ def build_engine(
 
     bundle = Bundle.load(bundle_path)
     entry_graph = choose_graph(bundle, graph)
-    if max_context is None:  # the model's, capped: a RoPE model's context can be 131072 (profiles.py)
-        check_limits(max_batch, 2)  # the batch first: the default context is sized with it
-        max_context = default_max_context(entry_graph.signature, bundle.manifest.max_context, max_batch)
-    check_limits(max_batch, max_context, bundle.manifest.max_context)
-    if not workspace_gb > 0:
-        raise ExportError(f"workspace must be a positive number of GiB, got {workspace_gb!r}")
+    max_context = _checked_limits(bundle, entry_graph, max_batch, max_context, workspace_gb)
     profiles = _checked_profiles(entry_graph, max_batch, max_context, opt_batch, opt_context)
     graph_path = bundle.file(entry_graph.file)
     plan = _static_checks(graph_path, entry_graph)
@@ -107,6 +102,17 @@ def build_engine(
         raise ExportError(f"cannot update {bundle.path / MANIFEST}: {exc.strerror or exc}") from None
     log.info("built %s in %.1f s", engine_rel, entry["build_seconds"])
     return entry
+
+
+def _checked_limits(bundle: Bundle, entry_graph: GraphEntry, max_batch, max_context, workspace_gb) -> int:
+    """The context to build for (the model's, capped, when not given), every limit checked."""
+    if max_context is None:  # the model's, capped: a RoPE model's context can be 131072 (profiles.py)
+        check_limits(max_batch, 2)  # the batch first: the default context is sized with it
+        max_context = default_max_context(entry_graph.signature, bundle.manifest.max_context, max_batch)
+    check_limits(max_batch, max_context, bundle.manifest.max_context)
+    if not workspace_gb > 0:
+        raise ExportError(f"workspace must be a positive number of GiB, got {workspace_gb!r}")
+    return max_context
 
 
 def _checked_profiles(entry_graph: GraphEntry, max_batch, max_context, opt_batch, opt_context) -> dict:

@@ -29,7 +29,8 @@ def chat(bundle: Path, system: str | None, template_file: Path | None, backend: 
     alone, characters its vocabulary lacks, ...) is refused with an `error:` line on stderr,
     and the chat goes on.
     """
-    from gptdeploy.chat import ChatTemplate, Conversation
+    from gptdeploy.chat import ChatTemplate
+    from gptdeploy.conversation import Conversation
     from gptdeploy.generate import Generator  # numpy + onnxruntime only
 
     with Generator.load(bundle, backend=backend, graph=graph, threads=threads,

@@ -134,9 +134,7 @@ def _run_ids(gen, ids: list[int], stream: bool, options: dict):
     """`_run` for a prompt given as token ids (a rendered chat)."""
     if not stream:
         return gen.generate_ids([ids], **options)[0]
-    from gptdeploy.chat import stream_ids
-
-    with stream_ids(gen, ids, **options) as pieces:
+    with gen.stream_ids(ids, **options) as pieces:
         for piece in pieces:
             click.echo(piece, nl=False)
         click.echo()

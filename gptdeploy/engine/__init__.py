@@ -3,7 +3,8 @@
     ticket.py  a caller's handle: text pieces as they come, the result, cancel()
     job.py     one request as data: options, its own sampler, stop rules, text state, timings
     layout.py  the KV layout of the batch: right-aligned rows, merging caches when jobs join or leave
-    loop.py    Engine: the one loop that owns the runtime and advances every request a step
+    batch.py   the runtime's batch, row by row: one round (rows leave, joiners prefill, a decode step)
+    loop.py    Engine: the queue, the one thread that owns the runtime and runs the rounds, lifetime
 
     with Engine.load("out/sample", limits=EngineLimits(max_batch=8)) as engine:
         ticket = engine.submit("我喜欢", max_new_tokens=40)   # from any thread

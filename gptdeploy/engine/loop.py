@@ -28,16 +28,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from gptdeploy.bundle import Bundle
+from gptdeploy.engine.batch import Batch, as_failure, describe
 from gptdeploy.engine.job import Job
-from gptdeploy.engine.layout import gather, step_inputs
 from gptdeploy.engine.ticket import Ticket
 from gptdeploy.errors import (
     ContextOverflowError,
     GenerationError,
-    GptDeployError,
     QueueFullError,
     RequestAborted,
     RuntimeFailure,
@@ -53,7 +50,6 @@ from gptdeploy.options import (
 )
 from gptdeploy.runtimes.backends import open_runtime
 from gptdeploy.runtimes.base import RuntimeBase
-from gptdeploy.steps import left_pad, positions
 from gptdeploy.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -88,11 +84,9 @@ class Engine:
         # A runtime may bound the batch too (a TensorRT engine's profiles).
         self.max_batch = limits.max_batch if runtime.max_batch is None else min(limits.max_batch, runtime.max_batch)
         self.max_queue = limits.max_queue
-        self._on_step = on_step  # (batch size, seconds) after every decode step: for metrics
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._rows: list[Job] = []  # the runtime's batch, row by row (a done job's row is free)
-        self._moves_cache = runtime.can_move_cache
+        self._batch = Batch(runtime, tokenizer.pad_token_id, on_step)  # the engine thread's own
         self._accepting, self._stopping, self._aborting = True, False, False
         self._abort_at: float | None = None  # perf_counter() at which requests in flight are ended
         self._failure: RuntimeFailure | None = None  # set when the loop could not recover: see failure
@@ -205,7 +199,7 @@ class Engine:
     def occupancy(self) -> tuple[int, int]:
         """(requests waiting, requests in the batch), for metrics and health."""
         with self._cond:
-            return len(self._pending), sum(not job.done for job in self._rows)
+            return len(self._pending), self._batch.active()
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -244,10 +238,7 @@ class Engine:
             self._cond.notify_all()
 
     def _free_rows(self) -> int:  # holding self._cond
-        """Rows that waiting jobs can take at the next round. A runtime that cannot move its cache
-        (can_move_cache) takes joiners only once its whole batch is done."""
-        active = sum(not job.done for job in self._rows)
-        return self.max_batch - active if self._moves_cache or not active else 0
+        return self._batch.free_rows(self.max_batch)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -261,13 +252,13 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._rows and not self._stopping:
+                while not self._pending and not self._batch.rows and not self._stopping:
                     self._cond.wait()
-                if not self._pending and not self._rows:
+                if not self._pending and not self._batch.rows:
                     return  # stopping, and nothing is left in flight
                 joiners = self._admit(time.perf_counter())
             try:
-                self._round(joiners)
+                self._batch.round(joiners, time.perf_counter(), self._aborting)
             except Exception as exc:  # noqa: BLE001 - any fault of a step: _recover logs it and fails its requests
                 self._recover(joiners, exc)
 
@@ -276,34 +267,22 @@ class Engine:
         The request was checked before it was queued, so whatever a step raises is not the caller's
         fault. A reset that fails too propagates, and the loop ends (_fail_everything)."""
         log.error("engine step failed on the %s runtime", self.runtime.name, exc_info=exc)
-        error = self._as_failure(exc)
-        for job in [*joiners, *self._rows]:
-            if not job.done:
-                job.fail(error)
-        self._rows = []
-        self.runtime.reset()
+        self._batch.fail(as_failure(exc, self.runtime.name), joiners)
 
     def _fail_everything(self, exc: Exception) -> None:
         """Fail every request held, take no more, and say why in `failure`."""
         failure = RuntimeFailure(
             f"the batching engine stopped after a fault it could not recover from "
-            f"({_describe(exc)}); load the bundle again (a server: restart it)."
+            f"({describe(exc)}); load the bundle again (a server: restart it)."
         )
         with self._cond:
             self._failure, self._accepting = failure, False
-            jobs = [*self._pending, *self._rows]
+            jobs = [*self._pending, *self._batch.rows]
             self._pending.clear()
-            self._rows = []
+            self._batch.rows = []
         for job in jobs:
             if not job.done:
                 job.fail(failure)
-
-    def _as_failure(self, exc: Exception) -> RuntimeFailure:
-        if isinstance(exc, RuntimeFailure):
-            return exc
-        if isinstance(exc, GptDeployError):  # a runtime's own check (a CUDA call, a shape): its message
-            return RuntimeFailure(" ".join(str(exc).split()))
-        return RuntimeFailure(f"the engine failed running a step on the {self.runtime.name} runtime ({_describe(exc)})")
 
     def _admit(self, now: float) -> list[Job]:
         """Waiting jobs that join now (as many as free rows); ended waiting jobs are failed."""
@@ -314,7 +293,7 @@ class Engine:
                 self._pending.remove(job)
                 job.fail(why)
         room = min(self._free_rows(), len(self._pending))
-        if self._moves_cache:
+        if self._batch.moves_cache:
             return [self._pending.popleft() for _ in range(room)]
         # A static batch: every row is fed until the last one ends, so the cache grows to the widest
         # prompt plus the longest generation, which must fit as each request alone had to. Joiners
@@ -327,83 +306,3 @@ class Engine:
                 break
             joiners.append(self._pending.popleft())
         return joiners
-
-    def _round(self, joiners: list[Job]) -> None:
-        now = time.perf_counter()
-        for job in self._rows:
-            if not job.done and (why := job.ended_early(now, self._aborting)):
-                job.fail(why)  # its row is free now: reused or dropped below, before any step
-        done = [job.done for job in self._rows]
-        if (joiners or any(done)) if self._moves_cache else (all(done) and (joiners or done)):
-            self._relayout(joiners)
-        if self._rows:
-            self._decode()
-
-    def _relayout(self, joiners: list[Job]) -> None:
-        """Joiners prefill and take free rows (or new ones); free rows nobody took are dropped."""
-        stay = [(r, job) for r, job in enumerate(self._rows) if not job.done]
-        main = self.runtime.take_cache() if stay else None
-        placed = self._prefill(joiners) if joiners else {}  # {prefill row: job}
-        if self._moves_cache:  # else a job done at its first token keeps its row, fed padding
-            placed = {j: job for j, job in placed.items() if not job.done}
-        rows: list[Job | None] = [None if job.done else job for job in self._rows]
-        for job in placed.values():
-            free = rows.index(None) if None in rows else len(rows)
-            rows[free : free + 1] = [job]
-        self._rows = [job for job in rows if job is not None]
-        if all(job.done for job in self._rows):
-            self._rows = []
-            self.runtime.reset()
-        elif stay or len(placed) < len(joiners):  # else the joiners' prefill cache is the batch as is
-            sources = [main or [], self.runtime.take_cache() if placed else []]
-            where = {id(job): (0, r) for r, job in stay} | {id(job): (1, j) for j, job in placed.items()}
-            self.runtime.put_cache(gather(sources, [(*where[id(job)], job.length) for job in self._rows]))
-
-    def _prefill(self, joiners: list[Job]) -> dict[int, Job]:
-        """Run the joiners' prompts as one left-padded batch; each samples its first token."""
-        ids, mask = left_pad([job.prompt for job in joiners], self.tokenizer.pad_token_id)  # (J, L)
-        record = any(job.record_attention for job in joiners)
-        out = self.runtime.prefill(ids, mask, positions(mask), record)
-        for j, job in enumerate(joiners):
-            if job.record_attention:
-                job.keep_prefill(out.attentions, j, ids.shape[1] - len(job.prompt))
-            self._advance(job, out.logits[j])
-        return dict(enumerate(joiners))
-
-    def _decode(self) -> None:
-        """One step for every row; rows whose job is done are fed padding."""
-        rows, pad = self._rows, self.tokenizer.pad_token_id
-        t0 = time.perf_counter()
-        lengths = np.array([job.length for job in rows])  # (B,)
-        mask, pos = step_inputs(lengths, self.runtime.past_length)  # (B, P+1), (B, 1)
-        ids = np.array([[pad if job.done else job.last] for job in rows], dtype=np.int64)  # (B, 1)
-        record = any(job.record_attention and not job.done for job in rows)
-        active = sum(not job.done for job in rows)  # the requests this step advances
-        out = self.runtime.decode(ids, mask, pos, record)
-        for r, job in enumerate(rows):
-            job.length += 1
-            if job.done:
-                continue
-            if job.record_attention:
-                job.keep_step(out.attentions, r)
-            self._advance(job, out.logits[r])
-        if self._on_step is not None:
-            self._on_step(active, time.perf_counter() - t0)
-
-    def _advance(self, job: Job, logits: np.ndarray) -> None:
-        """The job's next token; a failure of its own (NaN logits: the model's fault, not the
-        request's) ends only this job."""
-        try:
-            finished = job.advance(logits)
-        except GptDeployError as exc:
-            log.error("request %s failed: %s", job.ticket.id, exc)
-            job.fail(self._as_failure(exc))
-            return
-        if finished:
-            job.finish()
-
-
-def _describe(exc: BaseException) -> str:
-    """`Type: message`, on one line and short: for one-line errors."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
