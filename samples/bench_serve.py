@@ -3,6 +3,9 @@
     python samples/bench_serve.py out/sample                       # starts its own server
     python samples/bench_serve.py out/sample --url http://127.0.0.1:8000 --model sample
     python samples/bench_serve.py out/sample --requests 4 --soak 60 # a short run
+    python samples/bench_serve.py BUNDLE --prompt-tokens 32 --max-tokens 128 --soak 0     # the load
+    python samples/bench_serve.py BUNDLE --url http://127.0.0.1:8080 --model m --prompt-tokens 32 \
+        --max-tokens 128 --soak 0 --ignore-eos                          # llama-server, same load
 
 1. one client alone, then 8 (--clients) at once, each sending --requests streamed completions of
    --max-tokens tokens: aggregate generated tokens/s, and p50/p99 of time to first token and of
@@ -29,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import psutil
@@ -55,11 +59,15 @@ class Outcome:
     rid: str | None = None
 
 
+# --ignore-eos: {"ignore_eos": True}, llama-server's field (gptdeploy refuses unknown fields)
+EXTRA: dict = {}
+
+
 def request(
     url: str,
     model: str,
     tag: int,
-    prompt: str,
+    prompt: str | list[int],
     max_tokens: int,
     cancel_after: int | None,
     client: httpx.Client,
@@ -71,6 +79,7 @@ def request(
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **EXTRA,
     }
     out, t0, last, chunks = Outcome(tag, "error: no [DONE]"), time.perf_counter(), None, 0
     try:
@@ -87,7 +96,7 @@ def request(
                 if "error" in data:
                     out.status = f"error: {data['error']['message'][:80]}"
                     break
-                out.rid = data["id"]
+                out.rid = data.get("id")
                 if data.get("usage"):
                     out.tokens = data["usage"]["completion_tokens"]
                 if data["choices"] and data["choices"][0]["text"]:
@@ -102,6 +111,8 @@ def request(
                         break
     except httpx.HTTPError as exc:
         out.status = f"error: {type(exc).__name__}: {exc}"
+    if not out.tokens:  # no usage chunk: one streamed chunk per token (llama-server)
+        out.tokens = chunks
     return out
 
 
@@ -275,8 +286,18 @@ def main() -> None:
     ap.add_argument("--soak-clients", type=int, default=16)
     ap.add_argument("--cancel", type=float, default=0.25, help="Share of soak requests cancelled early.")
     ap.add_argument("--server-arg", action="append", default=[], help="Passed on to `gptdeploy serve`.")
+    ap.add_argument("--prompt-tokens", type=int, help="Prompts of N random token ids (seeded).")
+    ap.add_argument("--vocab", type=int, help="--prompt-tokens ids below this (default: the bundle's vocabulary).")
+    ap.add_argument("--ignore-eos", action="store_true", help="Send llama-server's ignore_eos (not gptdeploy's).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.prompt_tokens:
+        manifest = json.loads(Path(args.bundle, "gptdeploy.json").read_text())
+        vocab = args.vocab or manifest["tokenizer"]["vocab_size"]
+        rng = random.Random(0)
+        PROMPTS[:] = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(8)]
+    if args.ignore_eos:
+        EXTRA["ignore_eos"] = True
     model = args.model or args.bundle.rstrip("/").rsplit("/", 1)[-1]
     proc, url = (None, args.url) if args.url else start_server(args.bundle, args.max_batch, args.server_arg)
     try:

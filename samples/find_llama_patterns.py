@@ -25,7 +25,16 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "corpus"))
-from find_patterns import PATTERN_EN, PATTERN_ZH, attentions, name_positions, probe_prompts
+from find_patterns import (
+    PATTERN_EN,
+    PATTERN_ZH,
+    attentions,
+    best_other_head,
+    name_mass,
+    name_positions,
+    probe_prompts,
+    top_tokens,
+)
 from find_patterns import PROMPTS as GPT_PROMPTS
 from llama_chat import CHAT_PROMPTS, IM_END
 from make_chat import ChatWriter
@@ -98,20 +107,11 @@ def name_evidence(model, tok: Tokenizer, ids: list[int], pos: list[int], layer: 
     """find_patterns.evidence's record (same keys as tiny-gpt's card) for prompt ids and name positions."""
     att, logits = attentions(model, ids)
     scores = att[:, :, -1, pos].sum(-1)  # (L, nh)
-    others = scores.clone()
-    others[layer, head] = -1
-    ol, oh = divmod(int(others.argmax()), scores.shape[1])
     rep = model.config.num_attention_heads // model.config.num_key_value_heads  # query heads per K/V head
     group = [h for h in range(head - head % rep, head - head % rep + rep) if h != head]
     return {
-        "tokens": len(ids),
-        "query_position": len(ids) - 1,
-        "name_positions": pos,
-        "mass_on_name": round(scores[layer, head].item(), 4),
-        "mass_per_position": [round(att[layer, head, -1, p].item(), 4) for p in pos],
-        "uniform_baseline": round(len(pos) / len(ids), 4),
-        "best_other_head": {"layer": ol, "head": oh, "mass_on_name": round(others[ol, oh].item(), 4)},
-        "top_next_tokens": top_tokens(tok, logits),
+        **name_mass(att, ids, pos, layer, head),
+        "top_next_tokens": top_tokens(tok, logits, skip_special_tokens=False),
         # GQA: these query heads read the same keys and values, so they can learn the same pattern
         "same_kv_heads": {str(h): round(scores[layer, h].item(), 4) for h in group},
     }
@@ -123,9 +123,7 @@ def copy_evidence(model, tok: Tokenizer, ids: list[int], queries: list[int], src
     att, _ = attentions(model, ids)
     per_query = att[:, :, queries, src]  # (L, nh, Q): query k against its own target src[k]
     scores = per_query.mean(-1)  # (L, nh)
-    others = scores.clone()
-    others[layer, head] = -1
-    ol, oh = divmod(int(others.argmax()), scores.shape[1])
+    ol, oh = best_other_head(scores, layer, head)
     return {
         "tokens": len(ids),
         "query_positions": queries,
@@ -133,19 +131,11 @@ def copy_evidence(model, tok: Tokenizer, ids: list[int], queries: list[int], src
         "mean_mass_on_source": round(scores[layer, head].item(), 4),
         "mass_per_query": [round(v, 4) for v in per_query[layer, head].tolist()],
         "uniform_baseline": round(sum(1 / (q + 1) for q in queries) / len(queries), 4),
-        "best_other_head": {"layer": ol, "head": oh, "mean_mass_on_source": round(others[ol, oh].item(), 4)},
+        "best_other_head": {"layer": ol, "head": oh, "mean_mass_on_source": round(scores[ol, oh].item(), 4)},
         "top_next_tokens": top_tokens(
-            tok, attentions(model, ids[: queries[0] + 1])[1]
+            tok, attentions(model, ids[: queries[0] + 1])[1], skip_special_tokens=False
         ),  # the answer's first token
     }
-
-
-def top_tokens(tok: Tokenizer, logits: torch.Tensor) -> list:
-    top = torch.softmax(logits, -1).topk(3)
-    return [
-        [tok.decode([i], skip_special_tokens=False), round(p, 4)]
-        for p, i in zip(top.values.tolist(), top.indices.tolist())
-    ]
 
 
 DEFINITIONS = {

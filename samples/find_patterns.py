@@ -89,27 +89,46 @@ def name_copy_scores(
     return att[:, :, -1, pos].sum(-1), int(logits.argmax()) == first
 
 
-def evidence(model: GPT2LMHeadModel, tok: Tokenizer, prompt: str, name: str, layer: int, head: int) -> dict:
-    ids, pos = name_positions(tok, prompt, name)
-    att, logits = attentions(model, ids)
-    scores = att[:, :, -1, pos].sum(-1)  # (L, nh)
+def best_other_head(scores: torch.Tensor, layer: int, head: int) -> tuple[int, int]:
+    """The (layer, head) with the highest score in (L, nh) `scores`, the chosen one left out."""
     others = scores.clone()
     others[layer, head] = -1
-    ol, oh = divmod(int(others.argmax()), scores.shape[1])
-    top = torch.softmax(logits, -1).topk(3)
+    return divmod(int(others.argmax()), scores.shape[1])
+
+
+def name_mass(att: torch.Tensor, ids: list[int], pos: list[int], layer: int, head: int) -> dict:
+    """The attention keys of a name-copy record: the chosen head's mass from the last token on the
+    name positions, against a uniform spread and against the best other head."""
+    scores = att[:, :, -1, pos].sum(-1)  # (L, nh)
+    ol, oh = best_other_head(scores, layer, head)
     return {
-        "prompt": prompt,
-        "name": name,
         "tokens": len(ids),
         "query_position": len(ids) - 1,
         "name_positions": pos,
         "mass_on_name": round(scores[layer, head].item(), 4),
         "mass_per_position": [round(att[layer, head, -1, p].item(), 4) for p in pos],
         "uniform_baseline": round(len(pos) / len(ids), 4),
-        "best_other_head": {"layer": ol, "head": oh, "mass_on_name": round(others[ol, oh].item(), 4)},
-        "top_next_tokens": [
-            [tok.decode([int(i)]), round(p, 4)] for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ],
+        "best_other_head": {"layer": ol, "head": oh, "mass_on_name": round(scores[ol, oh].item(), 4)},
+    }
+
+
+def top_tokens(tok: Tokenizer, logits: torch.Tensor, skip_special_tokens: bool = True) -> list:
+    """The three likeliest next tokens, decoded, with their probabilities."""
+    top = torch.softmax(logits, -1).topk(3)
+    return [
+        [tok.decode([i], skip_special_tokens=skip_special_tokens), round(p, 4)]
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]
+
+
+def evidence(model: GPT2LMHeadModel, tok: Tokenizer, prompt: str, name: str, layer: int, head: int) -> dict:
+    ids, pos = name_positions(tok, prompt, name)
+    att, logits = attentions(model, ids)
+    return {
+        "prompt": prompt,
+        "name": name,
+        **name_mass(att, ids, pos, layer, head),
+        "top_next_tokens": top_tokens(tok, logits),
     }
 
 

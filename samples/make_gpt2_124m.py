@@ -21,26 +21,35 @@ from pathlib import Path
 SAMPLE_TOKENIZER = Path(__file__).parent / "tiny-gpt" / "tokenizer.json"
 
 
-def make_source(out: Path, seed: int) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
-    model = GPT2LMHeadModel(config).eval()
+def save_source(model, out: Path) -> Path:
+    """Write a random-init transformers model to `out` as an HF directory, with the sample's tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     shutil.copy(SAMPLE_TOKENIZER, out / "tokenizer.json")
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/gpt2-124m"))
+def parser(doc: str, out: str, attentions_help: str) -> argparse.ArgumentParser:
+    """The options every random-init model maker takes (make_smollm_135m.py adds its own)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bundle", action="store_true", help="only write the HF source directory")
-    ap.add_argument("--no-attentions", action="store_true", help="export the graph without attention outputs")
-    args = ap.parse_args()
+    ap.add_argument("--no-attentions", action="store_true", help=attentions_help)
+    return ap
+
+
+def make_source(out: Path, seed: int) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+    return save_source(GPT2LMHeadModel(config).eval(), out)
+
+
+def main() -> None:
+    args = parser(__doc__, "out/gpt2-124m", "export the graph without attention outputs").parse_args()
 
     source = make_source(args.out / "source", args.seed)
     print(f"source: {source}")

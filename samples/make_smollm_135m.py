@@ -3,7 +3,7 @@ vocab 49152, tied embeddings) and, optionally, its bundle: the second shape the 
 notes are measured on (grouped-query attention and RoPE, where GPT-2-124M has neither).
 
     python samples/make_smollm_135m.py --out out/smollm-135m --no-bundle   # HF dir: out/smollm-135m/source
-    python samples/make_smollm_135m.py --out out/smollm-135m --int4 --no-attentions
+    python samples/make_smollm_135m.py --out out/smollm-135m --precision int4 --no-attentions
 
 The shape and numerics are SmolLM-135M's config.json (HuggingFaceTB/SmolLM-135M: rope_theta
 10000, rms_norm_eps 1e-5, 2048 positions, bos = eos = 0); the weights are transformers' own
@@ -13,13 +13,12 @@ random init, seeded. The tokenizer is the sample's byte-level BPE, as for make_g
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-SAMPLE_TOKENIZER = Path(__file__).parent / "tiny-gpt" / "tokenizer.json"
+from make_gpt2_124m import parser, save_source
+
 SHAPE = {  # SmolLM-135M's config.json, as transformers' LlamaConfig names it
     "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
     "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048, "rope_theta": 10000.0,
@@ -32,19 +31,11 @@ def make_source(out: Path, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    shutil.copy(SAMPLE_TOKENIZER, out / "tokenizer.json")
-    return out
+    return save_source(LlamaForCausalLM(LlamaConfig(**SHAPE)).eval(), out)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("out/smollm-135m"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-bundle", action="store_true", help="only write the HF source directory")
-    ap.add_argument("--no-attentions", action="store_true", help="export the fused graph (no attention outputs)")
+    ap = parser(__doc__, "out/smollm-135m", "export the fused graph (no attention outputs)")
     ap.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32")
     args = ap.parse_args()
 

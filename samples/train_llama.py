@@ -14,7 +14,6 @@ Deterministic for a given seed, step count and thread count on the same torch bu
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,8 +27,22 @@ os.environ.setdefault(
 
 import torch
 from llama_chat import CHAT_TEMPLATE, EOT, IM_END, IM_START, SPECIAL_TOKENS, build_tokenizer, dialogue_ids
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from train_sample import CJK_CHAR, ROOT, check_round_trip, mean_loss, rel, sha256, tiled_windows
+from tokenizers import Tokenizer
+from training import (
+    RECIPE,
+    arguments,
+    byte_level_bpe,
+    check_round_trip,
+    corpus_files,
+    mean_loss,
+    rel,
+    sampled_windows,
+    sha256,
+    tiled_windows,
+    train,
+    training_record,
+    write_card,
+)
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 HP = {
@@ -43,37 +56,16 @@ HP = {
     "n_positions": 256,
     "rope_theta": 10000.0,
     "rms_norm_eps": 1e-5,
-    "block_size": 256,
-    "batch_size": 12,
-    "lr": 3e-3,
-    "min_lr": 3e-4,
-    "warmup_steps": 40,
-    "weight_decay": 0.1,
-    "betas": [0.9, 0.95],
-    "grad_clip": 1.0,
+    **RECIPE,
     "activation": "silu (SwiGLU)",
     "dropout": 0.0,
 }
 
 
 def train_tokenizer(corpus_lines: list[str], dialogues: list[list[dict]], vocab_size: int) -> Tokenizer:
-    """train_sample.py's byte-level BPE (CJK characters split off first), with the chat special
-    tokens as ids 0-2, trained on the corpus and on every chat message (role line + content)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(CJK_CHAR, behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    """tiny-gpt's byte-level BPE (training.byte_level_bpe: CJK characters split off first), with the chat
+    special tokens as ids 0-2, trained on the corpus and on every chat message (role line + content)."""
+    tok, trainer = byte_level_bpe(vocab_size, SPECIAL_TOKENS)
     chat_text = [f"{m['role']}\n{m['content']}" for d in dialogues for m in d]
     tok.train_from_iterator(corpus_lines + chat_text, trainer)
     return tok
@@ -105,13 +97,7 @@ def answer_loss(model: LlamaForCausalLM, encoded: list[tuple[list[int], list[boo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "samples" / "tiny-llama")
-    ap.add_argument("--corpus", type=Path, default=ROOT / "samples" / "corpus")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = arguments(__doc__, "tiny-llama", steps=2000)
     hp = HP
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -168,44 +154,12 @@ def main() -> None:
     # nanoGPT's split: weight decay on matrices (embedding included), not on the RMSNorm gains
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": hp["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp["lr"],
-        betas=tuple(hp["betas"]),
-    )
-
-    def lr_at(step: int) -> float:  # linear warmup, then cosine down to min_lr
-        if step < hp["warmup_steps"]:
-            return hp["lr"] * (step + 1) / hp["warmup_steps"]
-        frac = (step - hp["warmup_steps"]) / max(1, args.steps - hp["warmup_steps"])
-        return hp["min_lr"] + 0.5 * (1 + math.cos(math.pi * frac)) * (hp["lr"] - hp["min_lr"])
-
-    T, B = hp["block_size"], hp["batch_size"]
-    gen = torch.Generator().manual_seed(args.seed)
-    model.train()
-    t_train = time.time()
-    for step in range(args.steps):
-        starts = torch.randint(0, len(train_ids) - T - 1, (B,), generator=gen)  # (B,)
-        w = torch.stack([train_ids[s : s + T + 1] for s in starts.tolist()])  # (B, T+1)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        logits = model(input_ids=w[:, :-1]).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
-        opt.step()
-        if step % 25 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - t_train:6.1f}s",
-                  flush=True)  # fmt: skip
-    train_seconds = time.time() - t_train
+    train_seconds = train(model, decay, no_decay, train_ids, hp, args.steps, args.seed)
 
     # train loss on a fixed, seeded sample of windows the size of the validation set (as train_sample.py)
+    T = hp["block_size"]
     val_w, chat_w = tiled_windows(val_ids, T), tiled_windows(chat_val_ids, T)
-    starts = torch.randint(
-        0, len(train_ids) - T - 1, (len(val_w),), generator=torch.Generator().manual_seed(0)
-    )
-    train_w = torch.stack([train_ids[s : s + T + 1] for s in starts.tolist()])
+    train_w = sampled_windows(train_ids, T, len(val_w))
     train_loss, val_loss = mean_loss(model, train_w, 16), mean_loss(model, val_w, 16)
     chat_val_loss, chat_answer_loss = mean_loss(model, chat_w, 16), answer_loss(model, chat_val_enc)
     print(f"train loss {train_loss:.4f}  val loss {val_loss:.4f} (ppl {math.exp(val_loss):.3f})  "
@@ -237,11 +191,7 @@ def main() -> None:
             "repeats text it is asked to repeat, and answers questions about a short story by naming the character."
         ),
         "corpus": {
-            "train": rel(paths["train.txt"]),
-            "val": rel(paths["val.txt"]),
-            "train_sha256": sha256(paths["train.txt"]),
-            "val_sha256": sha256(paths["val.txt"]),
-            "generator": "samples/corpus/make_corpus.py",
+            **corpus_files(paths["train.txt"], paths["val.txt"]),
             "chat_train": rel(paths["chat_train.jsonl"]),
             "chat_val": rel(paths["chat_val.jsonl"]),
             "chat_train_sha256": sha256(paths["chat_train.jsonl"]),
@@ -273,21 +223,15 @@ def main() -> None:
             "pre_tokenizer": "each CJK character split off, then GPT-2 ByteLevel",
             "chat_template": CHAT_TEMPLATE,
         },
-        "training": {
-            **hp,
-            "seed": args.seed,
-            "steps": args.steps,
-            "threads": args.threads,
-            "parameters": n_params,
-            "tokens_seen": args.steps * B * T,
-            "loss_on": "every token of the stream (user turns and template tokens included)",
-            "train_seconds": round(train_seconds, 1),
-            "wall_seconds": round(wall_train, 1),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "tokenizers": __import__("tokenizers").__version__,
-            "command": f"python samples/train_llama.py --steps {args.steps} --seed {args.seed}",
-        },
+        "training": training_record(
+            hp,
+            args,
+            n_params,
+            "train_llama.py",
+            train_seconds,
+            wall_train,
+            loss_on="every token of the stream (user turns and template tokens included)",
+        ),
         "metrics": {
             "train_loss": round(train_loss, 4),
             "val_loss": round(val_loss, 4),
@@ -303,12 +247,7 @@ def main() -> None:
         "prompts": {**PROMPTS, "chat": chat["examples"]},
         "patterns": patterns,
     }
-    sample["files"] = {
-        name: sha256(out / name) for name in sorted(p.name for p in out.iterdir() if p.name != "sample.json")
-    }
-    (out / "sample.json").write_text(
-        json.dumps(sample, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
+    write_card(out, sample)
     print(f"wrote {out} in {time.time() - t_start:.0f}s")
 
 

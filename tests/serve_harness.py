@@ -29,6 +29,17 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+# Prompts in the test tokenizer's characters, English and Chinese, that every serve test module uses.
+PROMPTS = [
+    "The quick brown fox",
+    "你好，世界。",
+    "A deploy bundle",
+    "今天天气",
+    "Numbers 0123",
+    "注意力",
+    "Attention is",
+    "quotes",
+]
 
 
 @dataclass

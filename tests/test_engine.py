@@ -24,6 +24,7 @@ from gptdeploy.runtimes.ort import OrtRuntime
 from gptdeploy.sampling import Sampler
 from gptdeploy.steps import Steps
 from gptdeploy.tokenizer import Tokenizer
+from tests.engine_waits import slow_step, until
 from tests.runtime_bundles import left_padded, made
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
@@ -166,41 +167,28 @@ def test_attention_recorded_among_others_matches_alone_to_float_rounding():
 # ----------------------------------------------------------------- rows, limits and faults
 
 
-def _until(condition, seconds: float = 10.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return False
-
-
 def _busy_until(engine: Engine, want: tuple[int, int], seconds: float = 10.0) -> bool:
     """Wait until the engine has `want` = (requests waiting, requests in the batch)."""
-    return _until(lambda: engine.occupancy() == want, seconds)
-
-
-def _slow(batch: int, seconds: float) -> None:
-    time.sleep(0.004)  # every decode step takes a few ms more, so "still running" is not a race
+    return until(lambda: engine.occupancy() == want, seconds)
 
 
 def test_cancelling_frees_the_row_at_once():
-    with _engine(on_step=_slow) as engine:
+    with _engine(on_step=slow_step) as engine:
         long = engine.submit(PROMPTS[0], max_new_tokens=70)
         other = engine.submit(PROMPTS[2], max_new_tokens=70)
         assert _busy_until(engine, (0, 2))
         long.cancel()
         assert _busy_until(engine, (0, 1), 2.0)  # the next round ends it
-        assert _until(lambda: engine.runtime._batch == 1, 2.0)  # and drops its cache row
+        assert until(lambda: engine.runtime._batch == 1, 2.0)  # and drops its cache row
         with pytest.raises(RequestAborted, match="cancelled") as caught:
             long.wait()
         assert caught.value.reason == "cancelled" and long.result is None
         assert len(other.wait().token_ids) == 70
-        assert _until(lambda: engine.runtime.past_length == 0, 2.0)  # an idle engine holds no cache
+        assert until(lambda: engine.runtime.past_length == 0, 2.0)  # an idle engine holds no cache
 
 
 def test_queue_bound_timeout_and_bad_limits():
-    with _engine(max_batch=1, max_queue=1, on_step=_slow) as engine:
+    with _engine(max_batch=1, max_queue=1, on_step=slow_step) as engine:
         running = engine.submit(PROMPTS[0], max_new_tokens=70)
         assert _busy_until(engine, (0, 1))
         waiting = engine.submit(PROMPTS[1], max_new_tokens=5)
@@ -220,7 +208,7 @@ def test_queue_bound_timeout_and_bad_limits():
 
 
 def test_close_with_a_grace_period_ends_what_is_still_running():
-    engine = _engine(on_step=_slow)
+    engine = _engine(on_step=slow_step)
     quick = engine.submit(PROMPTS[2], max_new_tokens=2)
     slow = engine.submit(PROMPTS[0], max_new_tokens=70)
     assert _busy_until(engine, (0, 1))
@@ -233,7 +221,7 @@ def test_close_with_a_grace_period_ends_what_is_still_running():
 
 
 def test_the_async_api_streams_and_cancels_when_the_consumer_stops():
-    with _engine(on_step=_slow) as engine:
+    with _engine(on_step=slow_step) as engine:
         want = engine.submit(PROMPTS[1], max_new_tokens=20).wait().text
 
         async def consume(pieces):

@@ -26,6 +26,7 @@ from gptdeploy.options import GenerationOptions
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from gptdeploy.runtimes.ort import OrtRuntime
 from gptdeploy.tokenizer import Tokenizer
+from tests.engine_waits import slow_step, until
 from tests.runtime_bundles import made
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
@@ -38,24 +39,11 @@ def _engine(max_batch=4, max_queue=None, on_step=None, runtime_class=OrtRuntime)
     return Engine(runtime, Tokenizer.from_bundle(bundle), bundle, limits, on_step)
 
 
-def _until(condition, seconds: float = 10.0) -> bool:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return False
-
-
-def _slow(batch: int, seconds: float) -> None:
-    time.sleep(0.004)  # every decode step takes a few ms more, so "still running" is not a race
-
-
 # ---------------------------------------------------------------------- faults are RuntimeFailure
 
 
 def test_a_step_that_raises_fails_its_batch_as_a_runtime_failure_and_the_engine_goes_on():
-    with _engine(on_step=_slow) as engine:
+    with _engine(on_step=slow_step) as engine:
         decode, calls = engine.runtime._decode, []
 
         def failing(*args):
@@ -104,9 +92,9 @@ def test_onnxruntime_failing_a_run_is_a_runtime_failure():
 
 
 def test_a_runtime_that_cannot_reset_stops_the_engine_and_no_caller_hangs():
-    with _engine(on_step=_slow) as engine:
+    with _engine(on_step=slow_step) as engine:
         running = engine.submit("The quick", max_new_tokens=60)
-        assert _until(lambda: engine.occupancy() == (0, 1))
+        assert until(lambda: engine.occupancy() == (0, 1))
         waiting = [engine.submit("Hello", max_new_tokens=5) for _ in range(6)]  # 3 join, 3 wait
         reset = engine.runtime.reset
 
@@ -120,7 +108,7 @@ def test_a_runtime_that_cannot_reset_stops_the_engine_and_no_caller_hangs():
         for t in [running, *waiting]:
             with pytest.raises(RuntimeFailure):
                 t.wait(10)  # every one ends: none is left to wait forever
-        assert _until(lambda: not engine._thread.is_alive(), 5.0)
+        assert until(lambda: not engine._thread.is_alive(), 5.0)
         assert isinstance(engine.failure, RuntimeFailure) and "could not recover" in str(engine.failure)
         with pytest.raises(RuntimeFailure, match="No new requests"):
             engine.submit("x", max_new_tokens=2)
@@ -138,7 +126,7 @@ def test_a_runtime_that_cannot_reset_stops_the_engine_and_no_caller_hangs():
 def test_the_queue_bound_counts_only_requests_beyond_the_free_rows():
     with _engine(max_batch=4, max_queue=0) as engine:
         assert len(engine.submit("The quick", max_new_tokens=3).wait(10).token_ids) == 3  # idle: taken
-    with _engine(max_batch=4, max_queue=1, on_step=_slow) as engine:
+    with _engine(max_batch=4, max_queue=1, on_step=slow_step) as engine:
         with engine._cond:  # a burst within one step: 4 free rows and 1 place in the queue
             burst = [engine.submit("The quick", max_new_tokens=2) for _ in range(5)]
             with pytest.raises(QueueFullError, match="queue holds 1"):
@@ -229,7 +217,7 @@ def test_the_step_hook_counts_the_rows_each_step_advanced_finishing_ones_include
 
 def test_a_ticket_calls_its_done_callbacks_once_however_it_ends():
     ended = []
-    with _engine(on_step=_slow) as engine:
+    with _engine(on_step=slow_step) as engine:
         finished = engine.submit("The quick", max_new_tokens=3)
         finished.add_done_callback(lambda t: ended.append((t.id, len(t.token_times), t.prompt_tokens)))
         finished.wait(10)
@@ -237,7 +225,7 @@ def test_a_ticket_calls_its_done_callbacks_once_however_it_ends():
         cancelled = engine.submit("The quick", max_new_tokens=60)
         cancelled.add_done_callback(lambda t: 1 / 0)  # a broken observer harms nothing
         cancelled.add_done_callback(lambda t: ended.append(type(t.error).__name__))
-        assert _until(lambda: engine.occupancy() == (0, 1))
+        assert until(lambda: engine.occupancy() == (0, 1))
         time.sleep(0.02)
         cancelled.cancel()
         with pytest.raises(RequestAborted):

@@ -243,23 +243,23 @@ def _python(env: str, how: str) -> str:
     return python
 
 
+def _generates_what_gptdeploy_generates(bundles, name: str, env: str, how: str, script: str) -> None:
+    """The runtime behind `env` (skipped with `how` where unset) generates gptdeploy's greedy tokens."""
+    python = _python(env, how)
+    path, ids, n = bundles(name)
+    want = _gptdeploy_tokens(path, ids, n)
+    assert _run(python, script, path, ids, n) == want
+    if name == "tiny-llama":
+        assert want[-1] == 2 and len(want) < n  # both ended the turn with <|im_end|>
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama", "nanogpt"])
 def test_optimum_generates_what_gptdeploy_generates(bundles, name):
-    python = _python(OPTIMUM_ENV, OPTIMUM_HOW)
-    path, ids, n = bundles(name)
-    want = _gptdeploy_tokens(path, ids, n)
-    assert _run(python, OPTIMUM_SCRIPT, path, ids, n) == want
-    if name == "tiny-llama":
-        assert want[-1] == 2 and len(want) < n  # it ended its turn with <|im_end|>, and so did Optimum
+    _generates_what_gptdeploy_generates(bundles, name, OPTIMUM_ENV, OPTIMUM_HOW, OPTIMUM_SCRIPT)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-gpt", "tiny-llama", "gpt_neox", "nanogpt"])
 def test_onnxruntime_genai_generates_what_gptdeploy_generates(bundles, name):
-    python = _python(GENAI_ENV, GENAI_HOW)
-    path, ids, n = bundles(name)
-    want = _gptdeploy_tokens(path, ids, n)
-    assert _run(python, GENAI_SCRIPT, path, ids, n) == want
-    if name == "tiny-llama":
-        assert want[-1] == 2 and len(want) < n
+    _generates_what_gptdeploy_generates(bundles, name, GENAI_ENV, GENAI_HOW, GENAI_SCRIPT)

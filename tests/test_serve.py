@@ -13,23 +13,12 @@ from gptdeploy import Generator
 from gptdeploy.chat import ChatTemplate, prompt_ids
 from gptdeploy.serve.service import ServeConfig
 from tests.runtime_bundles import made
-from tests.serve_harness import CHAT_TEMPLATE, httpx, in_process, subprocess_server
+from tests.serve_harness import CHAT_TEMPLATE, PROMPTS, httpx, in_process, subprocess_server
 
 openai = pytest.importorskip(
     "openai", reason="the serve tests use the openai client: pip install 'gptdeploy[dev]'"
 )
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-PROMPTS = [
-    "The quick brown fox",
-    "你好，世界。",
-    "A deploy bundle",
-    "今天天气",
-    "Numbers 0123",
-    "注意力",
-    "Attention is",
-    "quotes",
-]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from gptdeploy.audit.record import read_records
 from gptdeploy.audit.verify import verify
 from gptdeploy.serve.service import ServeConfig
 from tests.runtime_bundles import made
+from tests.serve_harness import PROMPTS as SERVE_PROMPTS
 from tests.serve_harness import httpx, in_process, subprocess_server
 
 openai = pytest.importorskip(
@@ -28,14 +29,7 @@ openai = pytest.importorskip(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = [
-    "The quick brown fox",
-    "你好，世界。",
-    "A deploy bundle",
-    "今天天气",
-    "Numbers 0123",
-    "注意力",
-    "Attention is",
-    "quotes",
+    *SERVE_PROMPTS,
     "The lazy dog",
     "我们一起学习",
     "tabs and spaces",
@@ -284,7 +278,9 @@ def test_an_engine_that_cannot_recover_reports_unhealthy_and_refuses_with_503():
 
 
 def test_a_client_that_leaves_a_stream_still_counts_the_tokens_it_was_given():
-    with in_process(_config(), delay=0.01) as live:
+    # 50 ms a step: the 100 tokens take 5 s, so the request is still running when the client leaves
+    # after 10, even on a loaded machine (at 10 ms one ran to the end first and counted as finished).
+    with in_process(_config(), delay=0.05) as live:
         with httpx.stream(
             "POST",
             live.url + "/v1/completions",

@@ -11,22 +11,11 @@ import pytest
 
 from gptdeploy import Generator
 from tests.runtime_bundles import made
-from tests.serve_harness import httpx, subprocess_server
+from tests.serve_harness import PROMPTS, httpx, subprocess_server
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'gptdeploy[ray]'")
 pytest.importorskip("openai", reason="the serve tests use the openai client: pip install 'gptdeploy[dev]'")
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
-
-PROMPTS = [
-    "The quick brown fox",
-    "你好，世界。",
-    "A deploy bundle",
-    "今天天气",
-    "Numbers 0123",
-    "注意力",
-    "Attention is",
-    "quotes",
-]
 
 
 def _free_port() -> int:

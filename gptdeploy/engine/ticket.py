@@ -8,6 +8,7 @@ either blocking (`for piece in ticket`) or in an asyncio loop (`async for piece 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -118,10 +119,7 @@ class Ticket:
 
     async def apieces(self) -> AsyncIterator[str]:
         """`__iter__` for an asyncio loop: awaits without blocking the loop."""
-        loop, event = asyncio.get_running_loop(), asyncio.Event()
-        with self._cond:
-            self._loops.append((loop, event))
-        try:
+        with self._woken() as event:
             while True:
                 with self._cond:
                     piece = self._pieces.popleft() if self._pieces else None
@@ -133,27 +131,30 @@ class Ticket:
                     await event.wait()
                 else:
                     yield piece
-        finally:
-            with self._cond:
-                self._loops.remove((loop, event))
         self._outcome()
 
     async def await_result(self) -> GenerationResult:
         """`wait()` for an asyncio loop. The pieces are left for a consumer (the result has the text)."""
-        loop, event = asyncio.get_running_loop(), asyncio.Event()
-        with self._cond:
-            self._loops.append((loop, event))
-        try:
+        with self._woken() as event:
             while True:
                 with self._cond:
                     if self._ended:
                         break
                     event.clear()
                 await event.wait()
+        return self._outcome()
+
+    @contextlib.contextmanager
+    def _woken(self) -> Iterator[asyncio.Event]:
+        """An event of the running asyncio loop, set (thread-safely) at every push and at the end."""
+        loop, event = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            self._loops.append((loop, event))
+        try:
+            yield event
         finally:
             with self._cond:
                 self._loops.remove((loop, event))
-        return self._outcome()
 
     def _outcome(self) -> GenerationResult:
         if self.error is not None:

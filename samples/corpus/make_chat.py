@@ -25,7 +25,17 @@ import json
 import re
 from pathlib import Path
 
-from make_corpus import EN_COLORS, EN_FOODS, EN_OBJECTS, EN_THINGS, ZH_COLORS, ZH_FOODS, ZH_OBJECTS, Writer
+from make_corpus import (
+    EN_COLORS,
+    EN_FOODS,
+    EN_OBJECTS,
+    EN_THINGS,
+    ZH_COLORS,
+    ZH_FOODS,
+    ZH_OBJECTS,
+    Writer,
+    write_splits,
+)
 
 ASSISTANT_EN = "Tiny Llama"  # what the assistant says its name is
 ASSISTANT_ZH = "小羊驼"
@@ -226,11 +236,7 @@ def main() -> None:
 
     train = generate(args.seed, args.train)
     val = generate(args.seed + 1000, args.val, exclude=set(train))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, lines in (("chat_train.jsonl", train), ("chat_val.jsonl", val)):
-        path = args.out / name
-        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
-        print(f"wrote {path} ({len(lines)} dialogues, {path.stat().st_size} bytes)")
+    write_splits(args.out, [("chat_train.jsonl", train), ("chat_val.jsonl", val)], "dialogues")
 
 
 if __name__ == "__main__":

@@ -498,6 +498,15 @@ def generate(seed: int, n_bytes: int, exclude: set[str] = frozenset()) -> list[s
     return docs
 
 
+def write_splits(out: Path, splits: list[tuple[str, list[str]]], unit: str) -> None:
+    """Write each (file name, lines) split to `out`, one line each with LF endings, and say its size."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, lines in splits:
+        path = out / name
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
+        print(f"wrote {path} ({len(lines)} {unit}, {path.stat().st_size} bytes)")
+
+
 def main() -> None:
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -509,11 +518,7 @@ def main() -> None:
 
     train = generate(args.seed, args.train_bytes)
     val = generate(args.seed + 1000, args.val_bytes, exclude=set(train))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, docs in (("train.txt", train), ("val.txt", val)):
-        path = args.out / name
-        path.write_text("".join(d + "\n" for d in docs), encoding="utf-8", newline="\n")
-        print(f"wrote {path} ({len(docs)} documents, {path.stat().st_size} bytes)")
+    write_splits(args.out, [("train.txt", train), ("val.txt", val)], "documents")
 
 
 if __name__ == "__main__":
