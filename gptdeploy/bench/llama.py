@@ -20,8 +20,8 @@ from gptdeploy.errors import BackendUnavailable, GenerationError, GptDeployError
 WORKER = Path(__file__).with_name("llama_worker.py")  # run by path: needs numpy + llama_cpp only
 
 # A GGUF's weight type -> the gptdeploy precision it is compared with ("same precision" ratios).
-# Q8_0 and int8 both keep 8-bit weights with a per-block / per-channel scale; Q4_0 and int4
-# (MatMulNBits, block 32) both keep 4-bit weights with a scale per block of 32.
+# Q8_0 and int8 both keep 8-bit weights (Q8_0 a scale per block of 32, int8 one per tensor);
+# Q4_0 and int4 both keep 4-bit weights with a scale per block (Q4_0 of 32, int4 MatMulNBits of 128).
 PRECISION_CLASS = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "q8_0": "int8", "q4_0": "int4"}
 
 

@@ -45,12 +45,15 @@ def plot_rows(rows: list[Row], path: Path) -> None:
     if not ok:
         raise GptDeployError(f"nothing to plot: no row was measured without error ({len(rows)} rows)")
     top, batch, prompt = max(r.threads for r in ok), min(r.batch for r in ok), min(r.prompt_len for r in ok)
-    panels = [  # (x, series, y, title, x label, y label); scaling panels only where the plan varied x
-        ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _tps,
-         f"Decode throughput, {top} threads", "prompt length (tokens)", "decode tokens/s (median)"),
-        ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _ttft_ms,
-         f"Prefill latency, {top} threads", "prompt length (tokens)", "time to first token (ms, median)"),
-    ]
+    panels = []  # (x, series, y, title, x label, y label); panels only where the plan varied x
+    one_length = len({r.prompt_len for r in ok}) == 1
+    if not one_length or (len({r.batch for r in ok}) == 1 and len({r.threads for r in ok}) == 1):
+        panels += [
+            ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _tps,
+             f"Decode throughput, {top} threads", "prompt length (tokens)", "decode tokens/s (median)"),
+            ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _ttft_ms,
+             f"Prefill latency, {top} threads", "prompt length (tokens)", "time to first token (ms, median)"),
+        ]
     if len({r.batch for r in ok}) > 1:
         panels.append(("batch", _series(ok, "batch", {"threads": top, "prompt_len": prompt}), _tps,
                        f"Batch scaling, {top} threads, prompt {prompt}", "batch (sequences)",
