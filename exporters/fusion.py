@@ -1,6 +1,6 @@
 """Fused fast graphs for onnxruntime on the CPU.
 
-Three passes, and the report says what each one actually did:
+Two passes, and the report says what each one actually did:
 
 1. Attention -> `com.microsoft.GroupQueryAttention`, our own pass (exporters/gqa.py), for every
    family: each layer is found through the initializers that hold its c_attn and c_proj weights
@@ -11,9 +11,12 @@ Three passes, and the report says what each one actually did:
    Graphs with attention outputs get them from the op's softmax output (qk_output=2).
 2. onnxruntime's transformer optimizer for the norm and GELU fusions (SkipLayerNormalization,
    (Skip)SimplifiedLayerNormalization, FastGelu / BiasGelu): exporters/ort_fusions.py.
-3. For a graph that ships as fp32 (not one about to be quantized): `gemv.linears_as_gemv`, every
-   Linear as Gemm(transB=1) on an unpacked (N, K) weight, which decodes ~14% faster on
-   GPT-2-124M for ~5-16% more prefill time (see there).
+
+The Linear layers stay MatMul on (K, N) weights, which onnxruntime pre-packs at load. An earlier
+third pass stored them as Gemm(transB=1) on unpacked (N, K) weights for one-row products: ~14%
+faster decoding on an AVX2 CPU, but on an AVX-512 one the packed MatMul decodes 1.44x as fast at
+batch 1 and 1.65x at batch 8 and prefills in 0.63-0.75x the time, at the same peak RSS
+(GPT-2-124M, docs/performance.md), so the pass was removed.
 
 The result uses onnxruntime contrib ops: it is a CPU/onnxruntime graph, never a TensorRT one.
 """
@@ -26,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from gptdeploy import contract as io
 from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
 from gptdeploy.exporters.gqa import fuse_attention
@@ -40,7 +42,6 @@ class FusionReport:
     """What each pass fused, op by op, and why anything was left alone."""
 
     attention: int = 0  # layers rewritten as GroupQueryAttention
-    gemv: int = 0  # Linear MatMuls rewritten as Gemm(transB=1) on unpacked weights (fp32 decode layout)
     optimizer: dict[str, int] = field(default_factory=dict)  # ops onnxruntime's optimizer created, by type
     notes: list[str] = field(default_factory=list)
     nodes_before: int = 0
@@ -49,7 +50,6 @@ class FusionReport:
     def to_dict(self) -> dict:
         return {
             "GroupQueryAttention (gptdeploy pass)": self.attention,
-            "Linear as unpacked Gemm(transB=1) (gptdeploy pass)": self.gemv,
             "onnxruntime optimizer": self.optimizer,
             "nodes": f"{self.nodes_before} -> {self.nodes_after}",
             "notes": self.notes,
@@ -57,11 +57,9 @@ class FusionReport:
 
 
 def fuse_graph(
-    proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignature, decode_layout: bool = False,
-    *, params: dict[str, np.ndarray] | None = None,
+    proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignature, *, params: dict[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, FusionReport]:
-    """The passes on a copy of `proto` (an fp32 graph); with `decode_layout` (a graph that ships as
-    fp32, not one to quantize), then `linears_as_gemv`. `params`: the canonical tensors, by which
+    """The passes on a copy of `proto` (an fp32 graph). `params`: the canonical tensors, by which
     the attention pass finds each layer (gqa.attention_params); without them it fuses none."""
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
@@ -72,10 +70,6 @@ def fuse_graph(
     else:
         report.attention = config.n_layer
     report.optimizer = run_ort_optimizer(fused, config, report.notes)
-    if decode_layout:
-        from gptdeploy.exporters.gemv import linears_as_gemv
-
-        report.gemv = linears_as_gemv(fused, io.INPUT_IDS)
     report.nodes_after = len(fused.graph.node)
     return fused, report
 

@@ -1,4 +1,4 @@
-"""Small in-place edits of ONNX graphs that the graph passes (fusion, gemv, ort_fusions) share."""
+"""Small in-place edits of ONNX graphs that the graph passes (fusion, gqa, ort_fusions) share."""
 
 from __future__ import annotations
 

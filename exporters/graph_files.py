@@ -79,7 +79,6 @@ def expose_gemv_weights(proto: onnx.ModelProto) -> None:
       into a private buffer (while the Gather keeps the original, when tied). The lm_head is a one-row GEMV at every step (decode, and prefill with
       last-position logits), where the unpacked kernel is as fast as the packed one (4.97 vs
       5.30 ms for (1, 768) x (50257, 768)^T, measured).
-    - the fp32 fast graph's Linear layers (gemv.linears_as_gemv), for decode speed.
 
     TensorRT's parser treats such inputs as weights. Idempotent. When the lm_head is untied
     for quantization, its listing is removed.

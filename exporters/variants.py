@@ -132,7 +132,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
         return built
     stage("fusing attention, norms and GELU for onnxruntime")
     params = attention_params({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
-    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, decode_layout=options.precision == "fp32", params=params)
+    fused, fusion = fuse_graph(onnx.load(str(path)), cfg, sig, params=params)
     built.graph_info["fusion"] = fusion.to_dict()
     with tempfile.TemporaryDirectory(prefix=".fused-", dir=path.parent) as tmp:
         fused_path = Path(tmp) / path.name  # same names, so the graph's external-data link stays valid

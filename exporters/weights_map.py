@@ -2,8 +2,8 @@
 
 Found by value, not by the tracer's names: it must hold for every graph the export ships, and
 the passes after the trace rewrite nodes freely (fusion replaces MatMul/LayerNormalization with
-Gemm, SkipLayerNormalization and MultiHeadAttention; `gemv.linears_as_gemv` transposes Linear
-weights in place; the tracer stores identical tensors once). The `torch` runtime reads exactly
+Gemm, SkipLayerNormalization and GroupQueryAttention; the tracer stores identical tensors
+once). The `torch` runtime reads exactly
 these initializers to rebuild gptdeploy.modeling.GPT, whatever the graph's structure.
 """
 

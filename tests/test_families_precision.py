@@ -88,7 +88,7 @@ def test_fused_graph_reports_what_it_fused(exported, family):
     assert fusion["GroupQueryAttention (gptdeploy pass)"] == n and result.bundle.graph().kv_shared_buffer
     ops = [node.op_type for node in onnx.load(str(result.bundle.file("model.onnx"))).graph.node]
     assert ops.count("GroupQueryAttention") == n and ops.count("RotaryEmbedding") == 2 * n
-    assert fusion["Linear as unpacked Gemm(transB=1) (gptdeploy pass)"] == 4 * n
+    assert ops.count("MatMul") == 4 * n  # the Linear layers, on weights onnxruntime pre-packs
     skip = "SkipSimplifiedLayerNormalization" if result.bundle.config.norm == "rmsnorm" else "SkipLayerNormalization"
     assert fusion["onnxruntime optimizer"].get(skip, 0) >= 1
     onnx.checker.check_model(str(result.bundle.file("model.onnx")))  # no ONNX-domain contrib ops left
