@@ -15,7 +15,7 @@ Two passes, and the report says what each one actually did:
 The Linear layers stay MatMul on (K, N) weights, which onnxruntime pre-packs at load. An earlier
 third pass stored them as Gemm(transB=1) on unpacked (N, K) weights for one-row products: ~14%
 faster decoding on an AVX2 CPU, but on an AVX-512 one the packed MatMul decodes 1.44x as fast at
-batch 1 and 1.65x at batch 8 and prefills in 0.63-0.75x the time, at the same peak RSS
+batch 1 and 1.65x at batch 8 and prefills in 0.63-0.80x the time, at the same peak RSS
 (GPT-2-124M, docs/performance.md), so the pass was removed.
 
 The result uses onnxruntime contrib ops: it is a CPU/onnxruntime graph, never a TensorRT one.
