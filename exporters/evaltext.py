@@ -96,6 +96,14 @@ def _windows(tok, path: Path, vocab: int, length: int) -> tuple[list[list[int]],
     return [stream[i * length : (i + 1) * length] for i in range(n)], ""
 
 
+def sample_rows(logits: np.ndarray, vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """One token id per row of `logits` (B, >= vocab), sampled at temperature 1 over the first `vocab`."""
+    x = logits[:, :vocab].astype(np.float64)  # (B, V)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(vocab, p=row) for row in p], np.int64)  # (B,)
+
+
 def sampled_text(session, sig, prompts: list[list[int]], vocab: int, block_size: int, seed: int = 0) -> EvalText:
     """Fallback: windows sampled at temperature 1 from the fp32 graph, each started by a parity prompt."""
     length = min(WINDOW, block_size)
@@ -108,10 +116,7 @@ def sampled_text(session, sig, prompts: list[list[int]], vocab: int, block_size:
     for t in range(length - 1):
         if t:
             out = steps.decode(windows[:, -1])
-        logits = out.logits[:, :vocab].astype(np.float64)  # (W, V)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        nxt = np.array([rng.choice(vocab, p=row) for row in p], np.int64)  # (W,)
+        nxt = sample_rows(out.logits, vocab, rng)  # (W,)
         windows = np.concatenate([windows, nxt[:, None]], axis=1)
     return EvalText(
         "sampled from the fp32 graph (fallback)",
@@ -121,4 +126,4 @@ def sampled_text(session, sig, prompts: list[list[int]], vocab: int, block_size:
     )
 
 
-__all__ = ["EVAL_TOKENS", "WINDOW", "held_out_text", "sampled_text"]
+__all__ = ["EVAL_TOKENS", "WINDOW", "held_out_text", "sample_rows", "sampled_text"]

@@ -22,8 +22,9 @@ from gptdeploy import machine
 from gptdeploy.bundle import Bundle, write_manifest
 from gptdeploy.errors import ExportError
 from gptdeploy.exporters.agreement import AgreementReport
+from gptdeploy.exporters.kv_quant import KV_CACHE
 from gptdeploy.hashing import sha256_file
-from gptdeploy.manifest import GraphEntry, Manifest
+from gptdeploy.manifest import QUANTIZED, GraphEntry, Manifest
 from gptdeploy.parity import ParityReport
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ class GraphOptions:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ExportError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.kv_cache not in ("float", "int8"):
-            raise ExportError(f"unknown KV cache type {self.kv_cache!r}; choose float or int8")
-        if self.kv_cache == "int8" and self.precision not in ("int8", "int4"):
+        if self.kv_cache not in KV_CACHE:
+            raise ExportError(f"unknown KV cache type {self.kv_cache!r}; choose {' or '.join(KV_CACHE)}")
+        if self.kv_cache == "int8" and self.precision not in QUANTIZED:
             raise ExportError("an int8 KV cache is for int8 and int4 graphs (their perplexity and margin bounds "
                               "measure it); add --int8 or --int4")
 
@@ -62,7 +63,7 @@ class GraphOptions:
         """CPU graphs are fused: fp32 without attention outputs, and every int8 / int4 graph (CPU-only
         either way; GroupQueryAttention returns the attention outputs of an audit graph). fp16 and
         the fp32 audit graph stay standard ONNX for TensorRT."""
-        return self.precision in ("int8", "int4") or (self.precision == "fp32" and not self.attentions)
+        return self.precision in QUANTIZED or (self.precision == "fp32" and not self.attentions)
 
 
 @dataclass

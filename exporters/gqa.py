@@ -129,10 +129,13 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
     if isinstance(sites, str):
         return sites
     g = proto.graph
+    taken = set(sig.present_names()) | ({io.attention(i) for i in range(config.n_layer)} if sig.attentions else set())
+    for node in g.node:  # the old producers give their output names up to the ops made below
+        node.output[:] = [f"{o}/unfused" if o in taken else o for o in node.output]
     inputs = _shared_inputs(g, config)
+    rotary = "cos" in inputs and not inputs["rotary_outside"]
     for i, site in enumerate(sites):
         nodes, q, k, v = _qkv_inputs(g, config, site, i, inputs)
-        rotary = "cos" in inputs and not inputs["rotary_outside"]
         cos_sin_pos = [inputs["cos"], inputs["sin"], inputs["position_ids"]] if rotary else ["", "", ""]
         names = [q, k, v, sig.past_names()[2 * i], sig.past_names()[2 * i + 1], f"{P}/seqlens_k",
                  f"{P}/total_sequence_length", *cos_sin_pos, f"{P}/attention_bias", "", "", "", "", "",
@@ -141,8 +144,6 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
         outputs = [y, sig.present_names()[2 * i], sig.present_names()[2 * i + 1]]
         if sig.attentions:
             outputs.append(io.attention(i))
-        for node in g.node:  # the old producers give their output names up
-            node.output[:] = [f"{o}/unfused" if o in outputs[1:] else o for o in node.output]
         nodes.append(helper.make_node(
             "GroupQueryAttention", names, outputs, name=f"{P}/h.{i}/GroupQueryAttention", domain=MS_DOMAIN,
             num_heads=config.n_head, kv_num_heads=config.kv_heads, scale=_scale(config, i),

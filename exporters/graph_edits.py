@@ -15,12 +15,6 @@ def insert_before(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.N
         g.node.insert(i + j, n)
 
 
-def insert_after(g: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list[onnx.NodeProto]) -> None:
-    i = list(g.node).index(anchor) + 1
-    for j, n in enumerate(nodes):
-        g.node.insert(i + j, n)
-
-
 def ensure_opset(proto: onnx.ModelProto, domain: str) -> None:
     if not any(o.domain == domain for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(domain, 1))
@@ -42,4 +36,4 @@ def remove_dead_nodes(g: onnx.GraphProto) -> None:
         g.initializer.remove(t)
 
 
-__all__ = ["MS_DOMAIN", "ensure_opset", "insert_after", "insert_before", "remove_dead_nodes"]
+__all__ = ["MS_DOMAIN", "ensure_opset", "insert_before", "remove_dead_nodes"]

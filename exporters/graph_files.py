@@ -72,13 +72,12 @@ def expose_gemv_weights(proto: onnx.ModelProto) -> None:
     initializer), and no other initializer.
 
     onnxruntime does not treat an overridable initializer as constant, so it does not pre-pack
-    it: the Gemm reads the stored (N, K) matrix in place, row by row. Two graphs use this:
-
-    - every graph's lm_head, a Gemm on the (V, C) output matrix (the tied embedding, or an
-      untied lm_head). Pre-packing would copy the whole matrix (a third of GPT-2's weights)
-      into a private buffer (while the Gather keeps the original, when tied). The lm_head is a one-row GEMV at every step (decode, and prefill with
-      last-position logits), where the unpacked kernel is as fast as the packed one (4.97 vs
-      5.30 ms for (1, 768) x (50257, 768)^T, measured).
+    it: the Gemm reads the stored (N, K) matrix in place, row by row. That Gemm is every graph's
+    lm_head, on the (V, C) output matrix (the tied embedding, or an untied lm_head). Pre-packing
+    would copy the whole matrix (a third of GPT-2's weights) into a private buffer (while the
+    Gather keeps the original, when tied). The lm_head is a one-row GEMV at every step (decode,
+    and prefill with last-position logits), where the unpacked kernel is as fast as the packed one
+    (4.97 vs 5.30 ms for (1, 768) x (50257, 768)^T, measured).
 
     TensorRT's parser treats such inputs as weights. Idempotent. When the lm_head is untied
     for quantization, its listing is removed.

@@ -34,6 +34,7 @@ def calibrate(session, sig: GraphSignature, prompts: list[list[int]], pad_id: in
               block_size: int, seed: int = 1) -> list[np.ndarray]:
     """Per past name (K0, V0, K1, ...): scales (1, nkv, 1, hs) from the fp32 graph's own K and V on
     continuations sampled at temperature 1 from each parity prompt."""
+    from gptdeploy.exporters.evaltext import sample_rows
     from gptdeploy.runtimes.session import SessionRuntime
     from gptdeploy.steps import Steps
 
@@ -42,10 +43,7 @@ def calibrate(session, sig: GraphSignature, prompts: list[list[int]], pad_id: in
     rng = np.random.default_rng(seed)
     out = chain.prefill()
     for _ in range(steps - 1):
-        logits = out.logits[:, :vocab].astype(np.float64)  # (B, V)
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        out = chain.decode(np.array([rng.choice(vocab, p=row) for row in p]))
+        out = chain.decode(sample_rows(out.logits, vocab, rng))
     real = chain.mask.astype(bool)  # (B, S): pad positions never enter the statistics
     scales = []
     for name in sig.present_names():

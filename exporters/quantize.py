@@ -93,12 +93,11 @@ class QuantizationReport:
         }
 
 
-def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path, scheme: Scheme | None = None) -> QuantizationReport:
-    """Write the `precision` ("int8" or "int4") variant of `fp32` to `out` (fp32 is not modified);
-    `scheme`: another layout than the precision's own (SCHEMES), for measurements."""
+def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> QuantizationReport:
+    """Write the `precision` ("int8" or "int4") variant of `fp32` to `out` (fp32 is not modified)."""
     if precision not in QUANTIZED:
         raise ValueError(f"precision must be one of {QUANTIZED}, got {precision!r}")
-    scheme = scheme or SCHEMES[precision]
+    scheme = SCHEMES[precision]
     proto = onnx.ModelProto()
     proto.CopyFrom(fp32)
     linear = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in _inits(proto)]

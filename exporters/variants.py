@@ -42,15 +42,6 @@ class BuiltGraph:
         return bool(self.graph_info.get("fused")) and fusion.get("GroupQueryAttention (gptdeploy pass)", 0) > 0
 
 
-def _ort_errors() -> tuple[type[Exception], ...]:
-    from onnxruntime.capi import onnxruntime_pybind11_state as state
-
-    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented)
-
-
-ORT_ERRORS = _ort_errors()
-
-
 def ort_session(path: Path):
     import onnxruntime as ort
 
@@ -116,6 +107,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     from gptdeploy.exporters.gqa import attention_params
     from gptdeploy.exporters.graph_files import save_graph
     from gptdeploy.exporters.onnx import export_onnx
+    from gptdeploy.runtimes.ort import ORT_ERRORS
 
     cfg = model.config
     stage(f"tracing {cfg.n_layer}-layer model to ONNX (fp32)")

@@ -43,7 +43,7 @@ class Conversation:
     def fit(self, user: str, max_new_tokens: int) -> tuple[list[int], int]:
         """Prompt ids for `user` after the history, and how many old turns it drops for room. They
         leave the history only when the message fits; a message too long alone changes nothing."""
-        ctx = self.generator.engine.max_context  # the runtime's limit where smaller than the model's
+        ctx = self.generator.max_context
         for start in range(len(self.turns) + 1):
             ids = chat_prompt_ids(self.generator, self.messages(user, start), self.template)
             if len(ids) + max_new_tokens <= ctx:

@@ -131,11 +131,13 @@ def _check_fits(ids: list[list[int]], n: int, ctx: int) -> None:
     if longest >= ctx:
         raise ContextOverflowError(
             f"the prompt has {longest} tokens but the model's context is {ctx} positions; "
-            f"shorten the prompt to at most {ctx - 1} tokens"
+            f"shorten the prompt to at most {ctx - 1} tokens",
+            "prompt",
         )
     if longest + n > ctx:
         what = "the prompt" if len(ids) == 1 else "the longest prompt"
         raise ContextOverflowError(
             f"{what} ({longest} tokens) + max_new_tokens ({n}) needs {longest + n} positions; "
-            f"the model has {ctx}. Lower max_new_tokens to {ctx - longest} or shorten the prompt."
+            f"the model has {ctx}. Lower max_new_tokens to {ctx - longest} or shorten the prompt.",
+            "max_new_tokens",
         )

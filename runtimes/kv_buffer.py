@@ -38,17 +38,11 @@ class KVBuffers:
         shape = (batch, self._kvh, capacity_for(need, self._limit), self._hs)
         self._wrap([np.zeros(shape, self._dtype) for _ in range(self._n)])
 
-    def ensure(self, need: int, valid: int) -> bool:
-        """Grow (keeping the first `valid` positions) when fewer than `need` fit; True if it grew."""
-        if need <= self.capacity:
+    def ensure(self, valid: int) -> bool:
+        """Grow (keeping the first `valid` positions) when position `valid` does not fit; True if it grew."""
+        if valid < self.capacity:
             return False
-        old = self.arrays
-        B = old[0].shape[0]
-        shape = (B, self._kvh, capacity_for(need, self._limit), self._hs)
-        new = [np.zeros(shape, self._dtype) for _ in range(self._n)]
-        for dst, src in zip(new, old):
-            dst[:, :, :valid] = src[:, :, :valid]
-        self._wrap(new)
+        self.put([a[:, :, :valid] for a in self.arrays])
         return True
 
     def take(self, valid: int) -> list[np.ndarray]:

@@ -27,7 +27,7 @@ from gptdeploy.runtimes.kv_buffer import KVBuffers
 log = logging.getLogger(__name__)
 
 PROVIDERS = ["CPUExecutionProvider"]  # explicit: never let onnxruntime pick (or warn about) providers
-_ORT_ERRORS = (
+ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
     ort_state.Fail,
     ort_state.InvalidArgument,
     ort_state.RuntimeException,
@@ -79,7 +79,7 @@ class OrtRuntime(RuntimeBase):
         path = bundle.file(graph.file)
         try:
             self._session = ort.InferenceSession(str(path), self._session_options(threads), providers=PROVIDERS)
-        except _ORT_ERRORS as exc:
+        except ORT_ERRORS as exc:
             raise BundleError(f"onnxruntime cannot load graph {graph.file!r}: {_first_line(exc)}") from None
         sig = graph.signature
         _check_io(self._session, graph)
@@ -124,7 +124,7 @@ class OrtRuntime(RuntimeBase):
 
     def _decode(self, next_ids, attention_mask, position_ids, record_attention) -> StepOutput:
         if self._buffers is not None:
-            if self._buffers.ensure(self.past_length + 1, self.past_length):
+            if self._buffers.ensure(self.past_length):
                 self._bind_buffers()
             return self._run(next_ids, attention_mask, position_ids, None, record_attention)
         out = self._run(next_ids, attention_mask, position_ids, self._past, record_attention)
@@ -183,7 +183,7 @@ class OrtRuntime(RuntimeBase):
         self._bind_attentions(ids, mask, record_attention)
         try:
             self._session._sess.run_with_iobinding(b, None)
-        except (*_ORT_ERRORS, RuntimeError) as exc:  # a failed run is a plain RuntimeError ("Error in execution")
+        except (*ORT_ERRORS, RuntimeError) as exc:  # a failed run is a plain RuntimeError ("Error in execution")
             self.reset()
             raise RuntimeFailure(
                 f"onnxruntime failed running {self.graph.file!r}: {_first_line(exc)}"

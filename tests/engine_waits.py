@@ -15,6 +15,9 @@ def until(condition, seconds: float = 10.0) -> bool:
     return False
 
 
-def slow_step(batch: int, seconds: float) -> None:
-    """An on_step hook: every decode step takes a few ms more, so "still running" is not a race."""
-    time.sleep(0.004)
+def step_delay(seconds: float):
+    """An on_step hook that makes every decode step `seconds` longer: 'still running' is no race."""
+    return lambda batch, took: time.sleep(seconds)
+
+
+slow_step = step_delay(0.004)  # the engine tests' hook: a few ms more per step

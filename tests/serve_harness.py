@@ -23,6 +23,7 @@ from gptdeploy.engine import Engine, EngineLimits
 from gptdeploy.serve.app import build_app
 from gptdeploy.serve.run import listen
 from gptdeploy.serve.service import ServeConfig, Service
+from tests.engine_waits import step_delay
 
 # A chat template in the characters the test tokenizer knows (its corpus is English and Chinese).
 CHAT_TEMPLATE = (
@@ -64,11 +65,6 @@ class Live:
                 return True
             time.sleep(0.01)
         return False
-
-
-def step_delay(seconds: float):
-    """An on_step hook that makes every decode step `seconds` longer: 'still running' is no race."""
-    return lambda batch, took: time.sleep(seconds)
 
 
 @contextlib.contextmanager

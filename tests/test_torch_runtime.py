@@ -87,7 +87,7 @@ def test_weights_map_covers_the_model_with_initializers_of_the_graph(exported, k
     assert json.loads((bundle.path / MANIFEST).read_text())["graphs"][graph.name]["weights"]
     linear = [ref.transposed for k, ref in graph.weights.items() if k.endswith(("c_attn.weight", "c_fc.weight"))]
     ops = {n.op_type for n in proto.graph.node}
-    if kind == "fp32-fused":  # the reported defect: no node is named like the tracer's any more
+    if kind == "fp32-fused":  # the reported defect: the tracer's norm and attention nodes are fused away
         assert {"GroupQueryAttention", "SkipLayerNormalization", "Gemm"} <= ops
         assert "Softmax" not in ops  # the tracer's attention nodes are one GroupQueryAttention per layer
     assert all(linear)  # MatMul reads (in, out)

@@ -181,18 +181,21 @@ def targets(plan: BenchPlan, bundles: list[Bundle]) -> list[Target]:
     return out
 
 
-def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None) -> list[Row]:
+def run_plan(plan: BenchPlan, on_row: Callable[[Row], None] | None = None,
+             bundles: list[Bundle] | None = None) -> list[Row]:
     """Measure every configuration; rows come back in order. KeyboardInterrupt propagates
-    after `on_row` has seen every finished row (the CLI prints what was measured)."""
-    bundles = check_plan(plan)
+    after `on_row` has seen every finished row (the CLI prints what was measured).
+    `bundles`: check_plan's result when the caller has it (its checks start subprocesses)."""
+    bundles = check_plan(plan) if bundles is None else bundles
     loaded = dict(zip(plan.bundles, bundles))
     vocab = min(b.manifest.tokenizer.vocab_size for b in bundles)  # ids every bundle's tokenizer knows
+    plan_targets = targets(plan, bundles)
     rows: list[Row] = []
     for threads in plan.threads:
         for batch in plan.batches:
             for plen in plan.prompt_lens:
                 ids = prompt_ids(vocab, batch, plen, plan.seed)
-                for target in targets(plan, bundles):
+                for target in plan_targets:
                     row = _run_target(plan, target, loaded[target.bundle], ids, threads)
                     rows.append(row)
                     if on_row:

@@ -48,10 +48,11 @@ def plot_rows(rows: list[Row], path: Path) -> None:
     panels = []  # (x, series, y, title, x label, y label); panels only where the plan varied x
     one_length = len({r.prompt_len for r in ok}) == 1
     if not one_length or (len({r.batch for r in ok}) == 1 and len({r.threads for r in ok}) == 1):
+        by_length = _series(ok, "prompt_len", {"threads": top}, extra="batch")
         panels += [
-            ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _tps,
+            ("prompt_len", by_length, _tps,
              f"Decode throughput, {top} threads", "prompt length (tokens)", "decode tokens/s (median)"),
-            ("prompt_len", _series(ok, "prompt_len", {"threads": top}, extra="batch"), _ttft_ms,
+            ("prompt_len", by_length, _ttft_ms,
              f"Prefill latency, {top} threads", "prompt length (tokens)", "time to first token (ms, median)"),
         ]
     if len({r.batch for r in ok}) > 1:

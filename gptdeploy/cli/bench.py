@@ -61,7 +61,7 @@ def bench(bundles, backends, batches, prompt_lens, new_tokens, runs, warmup, thr
                 progress.update(task, advance=1,
                                 description=f"done: {row.label} t{row.threads} b{row.batch} p{row.prompt_len}")
 
-            lib.run_plan(plan, on_row)
+            lib.run_plan(plan, on_row, loaded)
     except KeyboardInterrupt:
         complete = False
         lib.add_ratios(rows)

@@ -61,7 +61,7 @@ def _answer(convo, line: str, sampling: dict) -> None:
         return
     if reply.dropped:
         click.echo(f"[dropped the {reply.dropped} oldest turn(s) to fit the model's "
-                   f"{convo.generator.engine.max_context}-position context]", err=True)
+                   f"{convo.generator.max_context}-position context]", err=True)
     with reply:
         for piece in reply:
             click.echo(piece, nl=False)

@@ -33,7 +33,6 @@ from gptdeploy.engine.batch import Batch, as_failure, describe
 from gptdeploy.engine.job import Job
 from gptdeploy.engine.ticket import Ticket
 from gptdeploy.errors import (
-    ContextOverflowError,
     GenerationError,
     QueueFullError,
     RequestAborted,
@@ -125,14 +124,9 @@ class Engine:
 
     def check(self, ids: list[list[int]], options: GenerationOptions, stream: bool = True) -> Request:
         """Every problem with a request, raised before it is queued (options.build_request)."""
-        graph, ctx = self.runtime.graph, self.max_context
-        try:
-            return build_request(ids, options, self.tokenizer, context=ctx,
-                                 attentions=graph.signature.attentions, graph=graph.name, stream=stream)
-        except ContextOverflowError as exc:
-            if exc.param is None:  # the option to change: the prompt when it fills the context alone
-                exc.param = "prompt" if max(map(len, ids)) >= ctx else "max_new_tokens"
-            raise
+        graph = self.runtime.graph
+        return build_request(ids, options, self.tokenizer, context=self.max_context,
+                             attentions=graph.signature.attentions, graph=graph.name, stream=stream)
 
     def enqueue(
         self, req: Request, timeout: float | None = None, request_id: str | None = None
