@@ -87,7 +87,9 @@ def test_a_client_that_disconnects_frees_its_row_at_once():
             s.close()
             assert live.until(lambda h: h["running"] == 0, 1.0)
             assert time.monotonic() - gone < 1.0
-        text = httpx.get(live.url + "/metrics").text
+        end = time.monotonic() + 5.0  # the handlers record the outcome after the rows free
+        while _counter(text := httpx.get(live.url + "/metrics").text, "cancelled") < 2 and time.monotonic() < end:
+            time.sleep(0.02)
         assert 'gptdeploy_requests_total{endpoint="completions",outcome="cancelled"} 2.0' in text
 
 
@@ -293,7 +295,11 @@ def test_a_client_that_leaves_a_stream_still_counts_the_tokens_it_was_given():
                 if read == 10:
                     break
         assert live.until(lambda h: h["running"] == 0, 5.0)
-        text = httpx.get(live.url + "/metrics").text
+        # The row frees before the HTTP handler records the outcome (it notices the disconnect on
+        # its next send): wait for the count, bounded, rather than read it once.
+        end = time.monotonic() + 5.0
+        while _counter(text := httpx.get(live.url + "/metrics").text, "cancelled") == 0 and time.monotonic() < end:
+            time.sleep(0.02)
     assert _counter(text, "cancelled") == 1
     assert _value(text, "gptdeploy_generated_tokens_total") >= 10
     assert _value(text, "gptdeploy_time_to_first_token_seconds_count") == 1
