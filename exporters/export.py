@@ -48,6 +48,7 @@ class GraphOptions:
     attentions: bool = True  # audit graphs return attention probabilities
     last_logits_only: bool = True  # prefill computes logits at the last position only
     kv_cache: str = "float"  # "int8": int8 KV cache in a fused int8 / int4 graph (exporters/kv_quant.py)
+    portable: bool = False  # fp32: standard ONNX ops only (TensorRT, onnxruntime's CUDA provider), not fused
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -57,13 +58,16 @@ class GraphOptions:
         if self.kv_cache == "int8" and self.precision not in QUANTIZED:
             raise ExportError("an int8 KV cache is for int8 and int4 graphs (their perplexity and margin bounds "
                               "measure it); add --int8 or --int4")
+        if self.portable and self.precision in QUANTIZED:
+            raise ExportError(f"--portable keeps an fp32 graph standard ONNX (fp16 graphs always are); "
+                              f"{self.precision} graphs use onnxruntime's quantized CPU ops and cannot be")
 
     @property
     def fused(self) -> bool:
-        """CPU graphs are fused: fp32 without attention outputs, and every int8 / int4 graph (CPU-only
-        either way; GroupQueryAttention returns the attention outputs of an audit graph). fp16 and
-        the fp32 audit graph stay standard ONNX for TensorRT."""
-        return self.precision in QUANTIZED or (self.precision == "fp32" and not self.attentions)
+        """Graphs for onnxruntime's CPU provider are fused: fp32 unless `portable`, and every int8 / int4
+        graph (GroupQueryAttention returns the attention outputs of an audit graph). fp16 graphs and
+        portable fp32 graphs stay standard ONNX, for TensorRT and other runtimes."""
+        return self.precision in QUANTIZED or (self.precision == "fp32" and not self.portable)
 
 
 @dataclass
@@ -146,12 +150,14 @@ def export_bundle(
     eval_text: Path | None = None,
     external_data: bool | None = None,
     kv_cache: str = "float",
+    portable: bool = False,
     on_stage: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export `source_path` to a bundle at `out`; raises ParityError (nothing written) if parity fails.
 
-    precision: "fp32"; "fp16" (for GPUs / TensorRT); "int8" or "int4" (for CPUs). Graphs without
-    attention outputs, other than fp16, are fused for onnxruntime (see exporters/fusion.py).
+    precision: "fp32"; "fp16" (for GPUs / TensorRT); "int8" or "int4" (for CPUs). fp32, int8 and int4
+    graphs are fused for onnxruntime's CPU provider (exporters/fusion.py), audit graphs included.
+    portable: keep an fp32 graph standard ONNX (TensorRT, onnxruntime's CUDA provider, other runtimes).
     last_logits_only: the graph returns logits for the last position only, which is all that
     generation reads; False keeps every position's (for scoring text).
     eval_text: held-out text for the perplexity check of int8/int4 (see exporters/evaltext.py).
@@ -159,7 +165,7 @@ def export_bundle(
     """
     from gptdeploy.exporters.sources import load_source
 
-    options = GraphOptions(precision, attentions, last_logits_only, kv_cache)
+    options = GraphOptions(precision, attentions, last_logits_only, kv_cache, portable)
     stage = on_stage or (lambda s: log.info("%s", s))
     out = Path(out)
     _check_output_dir(out, force)

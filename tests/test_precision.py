@@ -35,6 +35,7 @@ def tiny(tmp_path_factory):
     src = make_hf_gpt2_dir(root / "src", n_layer=3, n_head=4, n_embd=64, seed=1)
     variants = {
         "fp32": {},
+        "portable": {"portable": True},
         "fast": {"attentions": False},
         "fp16": {"precision": "fp16"},
         "int8": {"precision": "int8"},
@@ -267,7 +268,7 @@ def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
     info = fast.manifest.parity["fp32"]["graph"]
     assert info["fused"] is True and info["fusion"]["GroupQueryAttention (gptdeploy pass)"] == 3
     assert fast.graph().kv_shared_buffer and bundles["int4-fast"].bundle.graph().kv_shared_buffer
-    assert not bundles["fp32"].bundle.graph().kv_shared_buffer  # unfused: present = past + new, by Concat
+    assert not bundles["portable"].bundle.graph().kv_shared_buffer  # unfused: present = past + new, by Concat
     proto = onnx.load(str(fast.file("model.onnx")))
     ops = {n.op_type for n in proto.graph.node}
     assert {"GroupQueryAttention", "FastGelu", "SkipLayerNormalization"} <= ops and "Softmax" not in ops
@@ -277,7 +278,48 @@ def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
     assert overridable == {"wte.weight"}  # the head reads the embedding unpacked (graph_files.expose_gemv_weights)
     assert bundles["fast"].parity.passed  # the fused graph itself passed parity against transformers
     prompts = ["The quick brown fox", "你好", "A deploy bundle carries"]
-    assert _greedy(fast.path, prompts) == _greedy(bundles["fp32"].bundle.path, prompts)
+    assert _greedy(fast.path, prompts) == _greedy(bundles["portable"].bundle.path, prompts)
+
+
+def test_default_fp32_audit_graph_is_fused_and_records_what_the_portable_graph_records(tiny):
+    """The default fp32 graph is fused for onnxruntime and still an audit graph: GroupQueryAttention's
+    softmax output (qk_output=2) gives the attention rows. `--portable` keeps standard ONNX ops; both
+    record the same attention and pick the same tokens."""
+    _, bundles = tiny
+    audit, portable = bundles["fp32"].bundle, bundles["portable"].bundle
+    assert audit.manifest.parity["fp32"]["graph"]["fused"] is True and audit.graph().kv_shared_buffer
+    assert audit.graph().signature.attentions and portable.graph().signature.attentions
+    assert portable.manifest.parity["fp32"]["graph"]["fused"] is False
+    ops = {n.op_type: n for n in onnx.load(str(audit.file("model.onnx"))).graph.node}
+    assert "GroupQueryAttention" in ops and "Softmax" not in ops
+    assert {a.name: a.i for a in ops["GroupQueryAttention"].attribute}["qk_output"] == 2
+    portable_ops = onnx.load(str(portable.file("model.onnx"))).graph.node
+    assert {n.domain for n in portable_ops} <= {"", "ai.onnx"} and "Softmax" in {n.op_type for n in portable_ops}
+    prompts = ["The quick brown fox", "你好", "A deploy bundle carries"]
+    runs = []
+    for b in (audit, portable):
+        with Generator.load(b.path, backend="ort") as gen:
+            runs.append(gen.generate(prompts, max_new_tokens=12, record_attention=True))
+    for fused, standard in zip(*runs):
+        assert fused.token_ids == standard.token_ids
+        assert len(fused.attention) == len(standard.attention) == audit.config.n_layer
+        for a, b in zip(fused.attention, standard.attention):  # per layer (1, nh, S, S): softmax rows in fp32
+            assert a.shape == b.shape
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_portable_is_for_fp32_and_build_engine_refuses_cpu_graphs(tiny, tmp_path):
+    """--portable with a quantized precision is a one-line error and writes nothing; build-engine
+    names --portable / --fp16 for a fused or quantized graph before it looks for TensorRT."""
+    src, bundles = tiny
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(tmp_path / "q"), "--int8", "--portable"])
+    assert r.exit_code == 2 and not (tmp_path / "q").exists()
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --portable keeps an fp32 graph standard ONNX")
+    for kind, what in (("fp32", "is fused"), ("int8", "is quantized to int8")):
+        r = CliRunner().invoke(cli, ["build-engine", str(bundles[kind].bundle.path)])
+        assert r.exit_code == 2, r.output
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: graph") and what in line and "--portable" in line and "--fp16" in line
 
 
 def test_fused_sample_same_greedy_tokens_as_audit_graph(sample):
@@ -340,7 +382,7 @@ def test_verify_checks_tensorrt_parsing_of_standard_op_graphs_only(tiny):
 
     _, bundles = tiny
     found = {k: verify_bundle(r.bundle.path, integrity_only=True).tensorrt for k, r in bundles.items()}
-    assert found == {"fp32": {"fp32": []}, "fp16": {"fp16": []}, "fast": {"fp32": None},
+    assert found == {"fp32": {"fp32": None}, "portable": {"fp32": []}, "fp16": {"fp16": []}, "fast": {"fp32": None},
                      "int8": {"int8": None}, "int4-fast": {"int4": None}}
     r = CliRunner().invoke(cli, ["verify", str(bundles["fp16"].bundle.path), "--integrity-only"])
     assert r.exit_code == 0 and "fp16 graph, TensorRT 10.15 parser check: ok" in r.output

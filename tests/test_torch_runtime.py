@@ -31,14 +31,15 @@ from tests.runtime_bundles import left_padded
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 KINDS = {  # every graph kind `gptdeploy export` makes
-    "fp32": {},  # audit graph: MatMul, LayerNormalization, attention outputs
-    "fp32-fused": {"attentions": False},  # Gemm(transB=1), SkipLayerNormalization, GroupQueryAttention
+    "fp32": {},  # audit graph fused for onnxruntime: GroupQueryAttention returns the attention outputs
+    "fp32-fused": {"attentions": False},  # SkipLayerNormalization, GroupQueryAttention, no attention outputs
+    "fp32-portable": {"portable": True},  # standard ONNX: MatMul, LayerNormalization, Softmax
     "fp16": {"precision": "fp16"},
     "fp16-no-attentions": {"precision": "fp16", "attentions": False},  # stays unfused (TensorRT)
     "int8": {"precision": "int8"},
     "int4": {"precision": "int4"},
 }
-FLOAT = ["fp32", "fp32-fused", "fp16", "fp16-no-attentions"]
+FLOAT = ["fp32", "fp32-fused", "fp32-portable", "fp16", "fp16-no-attentions"]
 QUANTIZED = ["int8", "int4"]
 PROMPTS = ["The quick brown fox", "你好", "A deploy bundle carries"]
 
@@ -181,7 +182,7 @@ def _without_weights_map(bundle: Bundle, dst) -> Bundle:
 
 
 def test_older_bundles_fall_back_to_node_names_or_say_to_re_export(exported, tmp_path):
-    old = _without_weights_map(exported("fp32"), tmp_path / "audit")
+    old = _without_weights_map(exported("fp32-portable"), tmp_path / "audit")
     assert old.graph().weights is None
     for w, g in zip(_teacher_forced_logits(old, "torch"), _teacher_forced_logits(old, "ort")):
         assert float(np.abs(w - g).max()) <= TOLERANCES["fp32"]["logits"][0]

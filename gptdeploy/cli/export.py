@@ -16,7 +16,8 @@ import click
 @click.option("--fp16", is_flag=True, help="fp16 graph for GPUs / TensorRT (LayerNorm, softmax and logits stay fp32).")
 @click.option("--int8", is_flag=True, help="int8 graph for CPUs (dynamic quantization of the linear layers).")
 @click.option("--int4", is_flag=True, help="int4 graph for CPUs, smallest (block-wise MatMulNBits).")
-@click.option("--no-attentions", is_flag=True, help="Leave attention outputs out (no audit); CPU graphs are then fused, fastest.")
+@click.option("--no-attentions", is_flag=True, help="Leave attention outputs out (no audit); fastest.")
+@click.option("--portable", is_flag=True, help="fp32: standard ONNX ops only, for TensorRT, onnxruntime's CUDA provider and other runtimes (the default graph is fused for onnxruntime on CPUs).")
 @click.option("--all-logits", is_flag=True, help="Return logits for every position, not only the last (for scoring text).")
 @click.option("--eval-text", type=click.Path(path_type=Path), help="Held-out UTF-8 text for the --int8/--int4 perplexity check (default: the sample corpus's validation split).")
 @click.option("--external-data", is_flag=True, help="Store weights in model.onnx.data even under 32 MiB (the default from there up).")
@@ -24,7 +25,7 @@ import click
               help="int8: keep the KV cache in int8 (with --int8 / --int4; checked by their perplexity and margin bounds).")
 def export(
     source: Path, out: Path, tokenizer: Path | None, force: bool, fp16: bool, int8: bool, int4: bool,
-    no_attentions: bool, all_logits: bool, eval_text: Path | None, external_data: bool, kv_cache: str,
+    no_attentions: bool, portable: bool, all_logits: bool, eval_text: Path | None, external_data: bool, kv_cache: str,
 ) -> None:
     """Export SOURCE (HF GPT-2 directory, nanoGPT ckpt.pt, or the gptdeploy sample) to a bundle."""
     from rich.console import Console
@@ -41,7 +42,7 @@ def export(
         result = export_bundle(
             source, out, tokenizer=tokenizer, force=force, precision=chosen[0] if chosen else "fp32",
             attentions=not no_attentions, last_logits_only=not all_logits, eval_text=eval_text,
-            external_data=external_data or None, kv_cache=kv_cache, on_stage=lambda s: status.update(s),
+            external_data=external_data or None, kv_cache=kv_cache, portable=portable, on_stage=lambda s: status.update(s),
         )
     graph = result.bundle.graph()
     p = result.parity
