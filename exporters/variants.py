@@ -1,6 +1,6 @@
 """Build the one graph a bundle ships, for each precision, and prove it before it is kept.
 
-    fp32   trace ─ parity vs source ─[no attentions: fuse ─ parity vs source]───────────── ship
+    fp32   trace ─ parity vs source ─[unless --portable: fuse ─ parity vs source]────────── ship
     fp16   to_fp16 ─ trace ─ static check (fp32 islands, no contrib ops) ─ parity vs source,
            run by a CPU evaluator that computes in fp16 ───────────────────────────────── ship
     int8   trace fp32 ─ parity vs source ─ fuse ─ parity ─ quantize ─[--kv-cache int8: scales
@@ -100,7 +100,7 @@ def build_graph(
 
 
 def fp32_graph(model, options, path: Path, external_data, reference, inputs: ParityInputs, stage) -> BuiltGraph:
-    """The fp32 graph, proven against the source; fused when it has no attention outputs."""
+    """The fp32 graph, proven against the source; fused for onnxruntime unless portable."""
     import onnx
 
     from gptdeploy.exporters.fusion import fuse_graph

@@ -227,6 +227,8 @@ CASES = [
          lambda t, s, mp: (["export", s.hf, "-o", _text_file(t) / "out"], None)),
     Case("export-two-precisions", "export SRC -o OUT --fp16 --int8", "mutually exclusive",
          lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--fp16", "--int8"], None)),
+    Case("export-portable-quantized", "export SRC -o OUT --int8 --portable", "--portable keeps an fp32 graph",
+         lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--int8", "--portable"], None)),
     Case("export-eval-text-without-int", "export SRC -o OUT --eval-text notes.txt", "--eval-text is used by",
          lambda t, s, mp: (["export", s.hf, "-o", t / "out", "--eval-text", _text_file(t)], None)),
     Case("export-missing-tokenizer-arg", "export SRC -o OUT --tokenizer MISSING", "nope.json",
@@ -367,6 +369,8 @@ CASES = [
          lambda t, s, mp: (["build-engine", s.bundle, "--workspace-gb", "0"], None)),
     Case("build-engine-no-graph", "build-engine BUNDLE(fp32 only) --graph fp16", "fp16",
          lambda t, s, mp: (["build-engine", s.bundle, "--graph", "fp16"], None)),
+    Case("build-engine-fused-graph", "build-engine BUNDLE(fp32 fused for onnxruntime)", "export the model with --fp16, or --portable",
+         lambda t, s, mp: (["build-engine", _with(_copy(s, t), _fused)], None)),
 ]
 
 
@@ -397,6 +401,10 @@ def _flip_byte(bundle: Path, name: str) -> Path:
 def _delete(bundle: Path, name: str) -> Path:
     (bundle / name).unlink()
     return bundle
+
+
+def _fused(d: dict) -> None:
+    d["parity"].setdefault("fp32", {}).setdefault("graph", {})["fused"] = True
 
 
 def _tokenizer_outside(d: dict) -> None:
