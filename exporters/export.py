@@ -198,11 +198,15 @@ def export_bundle(
 
 
 def _write_bundle(source, tmp: Path, options: GraphOptions, external_data, eval_text, stage):
+    from gptdeploy.exporters.onnx import declare_output_shapes
     from gptdeploy.exporters.variants import build_graph
     from gptdeploy.exporters.weights_map import graph_weights
 
     cfg, tok = source.config, source.tokenizer
     built = build_graph(source, options, tmp / GRAPH_FILE, external_data=external_data, eval_text=eval_text, stage=stage)
+    # The contract's output axes, whatever the tracer and the passes named them (onnxruntime-genai
+    # reads a fixed 1 as last-position logits); declared shapes only, the parity evidence stands.
+    declare_output_shapes(tmp / GRAPH_FILE, built.signature)
     from gptdeploy.exporters.sources.tokenizer_files import write_bundle_files
 
     tok_entry, tok_files = write_bundle_files(tok, tmp, TOKENIZER_FILE)  # tokenizer.json (+ chat_template.jinja)

@@ -56,7 +56,7 @@ def write_interop_files(
     source: Source, directory: Path, tok: TokenizerEntry, graph_file: str, sig: GraphSignature
 ) -> InteropFiles:
     """Write config.json, generation_config.json and genai_config.json into `directory` (the bundle
-    being built) where they can describe the model; declare the graph's output shapes."""
+    being built) where they can describe the model."""
     out = InteropFiles()
     config_text, out.notes[CONFIG] = hf_config_text(source, tok)
     generation, out.notes[GENERATION_CONFIG] = generation_config(source, tok)
@@ -65,7 +65,6 @@ def write_interop_files(
         if text is not None:
             (directory / name).write_text(text if isinstance(text, str) else _json(text), encoding="utf-8")
             out.files.append(name)
-    declare_output_shapes(directory / graph_file, sig)
     return out
 
 
@@ -215,31 +214,9 @@ def genai_config(cfg: GPTConfig, tok: TokenizerEntry, graph_file: str, sig: Grap
 # ------------------------------------------------------------------------------ the graph
 
 
-def declare_output_shapes(graph_path: Path, sig: GraphSignature) -> None:
-    """Give the graph's outputs the contract's axes: the tracer names the logits' axes itself
-    ("Reshapelogits_dim_1"), and onnxruntime-genai reads a fixed 1 there as last-position logits
-    (Model::IsPruned; otherwise it binds [batch, prompt, vocab] and the run fails). Only the
-    declared shapes change; every computation, and so the parity evidence, stays as it was."""
-    import onnx
-
-    proto = onnx.load(str(graph_path), load_external_data=False)
-    specs = {s.name: s for s in sig.outputs()}
-    for value in proto.graph.output:
-        spec = specs.get(value.name)
-        dims = value.type.tensor_type.shape.dim
-        if spec is None or len(dims) != len(spec.axes):
-            continue  # graph_io_problems reports such graphs; nothing here to declare
-        for dim, axis in zip(dims, spec.axes):
-            if isinstance(axis, int):
-                dim.dim_value = axis
-            else:
-                dim.dim_param = axis
-    onnx.save_model(proto, str(graph_path))  # external data stays where it is: only references are written
-
-
 def _json(data: dict) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
-__all__ = ["GENAI_TYPES", "InteropFiles", "declare_output_shapes", "genai_config", "generation_config",
+__all__ = ["GENAI_TYPES", "InteropFiles", "genai_config", "generation_config",
            "gpt2_config", "hf_config_text", "write_interop_files"]

@@ -211,4 +211,24 @@ def graph_io_problems(path: Path, sig: GraphSignature) -> list[str]:
     return problems
 
 
-__all__ = ["OPSET", "export_onnx", "graph_io_problems", "signature_for"]
+def declare_output_shapes(graph_path: Path, sig: GraphSignature) -> None:
+    """Give the graph's outputs the contract's axes: the tracer names the logits' axes itself
+    ("Reshapelogits_dim_1"), and onnxruntime-genai reads a fixed 1 there as last-position logits
+    (Model::IsPruned; otherwise it binds [batch, prompt, vocab] and the run fails). Only the
+    declared shapes change; every computation, and so the parity evidence, stays as it was."""
+    proto = onnx.load(str(graph_path), load_external_data=False)
+    specs = {s.name: s for s in sig.outputs()}
+    for value in proto.graph.output:
+        spec = specs.get(value.name)
+        dims = value.type.tensor_type.shape.dim
+        if spec is None or len(dims) != len(spec.axes):
+            continue  # graph_io_problems reports such graphs; nothing here to declare
+        for dim, axis in zip(dims, spec.axes):
+            if isinstance(axis, int):
+                dim.dim_value = axis
+            else:
+                dim.dim_param = axis
+    onnx.save_model(proto, str(graph_path))  # external data stays where it is: only references are written
+
+
+__all__ = ["OPSET", "declare_output_shapes", "export_onnx", "graph_io_problems", "signature_for"]

@@ -110,6 +110,7 @@ class OrtRuntime(RuntimeBase):
         self._keep: tuple = ()  # numpy buffers the binding points into, alive until the next step
         self._held: list[np.ndarray] = []  # put_cache's arrays, which the next step's pasts wrap
         self._logits: tuple | None = None  # shared-buffer mode: (array, OrtValue) for the logits
+        self._logits_bound = None  # the OrtValue bound as the logits output now (None: unallocated)
 
     @property
     def shares_kv_buffer(self) -> bool:
@@ -188,6 +189,7 @@ class OrtRuntime(RuntimeBase):
         b = self._binding
         b.clear_binding_outputs()
         b.bind_output(io.LOGITS, self._cpu)
+        self._logits_bound = None
         for past, present, value in zip(self._past_names, self._present_names, self._buffers.values):
             b.bind_ortvalue_input(past, value)
             b.bind_ortvalue_output(present, value)
@@ -203,10 +205,12 @@ class OrtRuntime(RuntimeBase):
         cpu = self._cpu
         if past is None:  # replaces last step's binding, keeping its place
             logits_buffer = self._logits_buffer(ids.shape, record_attention)
-            if logits_buffer is None:
+            if logits_buffer is None:  # onnxruntime allocates them: bound afresh every step
                 b.bind_output(io.LOGITS, cpu)
-            else:
+                self._logits_bound = None
+            elif self._logits_bound is not logits_buffer[1]:  # the same buffer stays bound across steps
                 b.bind_ortvalue_output(io.LOGITS, logits_buffer[1])
+                self._logits_bound = logits_buffer[1]
         else:
             for name, value in zip(self._past_names, past):
                 b.bind_ortvalue_input(name, value)
@@ -276,6 +280,7 @@ class OrtRuntime(RuntimeBase):
         if self._buffers is not None:
             self._buffers.clear()
         self._logits = None
+        self._logits_bound = None
         if getattr(self, "_binding", None) is not None:
             self._binding.clear_binding_inputs()
             self._binding.clear_binding_outputs()
