@@ -93,8 +93,10 @@ class QuantizationReport:
         }
 
 
-def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> QuantizationReport:
-    """Write the `precision` ("int8" or "int4") variant of `fp32` to `out` (fp32 is not modified)."""
+def quantize_graph(fp32: onnx.ModelProto, precision: str, scratch: Path) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """The `precision` ("int8" or "int4") variant of `fp32` (not modified), in memory, and what was
+    quantized; the caller saves it (after its own edits: an int8 KV cache). `scratch`: a directory
+    for the files onnxruntime's int8 quantizer works through."""
     if precision not in QUANTIZED:
         raise ValueError(f"precision must be one of {QUANTIZED}, got {precision!r}")
     scheme = SCHEMES[precision]
@@ -106,11 +108,8 @@ def quantize_graph(fp32: onnx.ModelProto, precision: str, out: Path) -> Quantiza
     expose_gemv_weights(proto)  # wte is read by the Gather only now: no longer listed as an input
     sizes[LM_HEAD] = int(np.prod(_inits(proto)[LM_HEAD].dims))
     tables = gather_tables_to_fp16(proto)
-    if scheme.op == "DynamicQuantizeMatMul":
-        _int8(proto, out)
-    else:
-        _nbits(proto, out, scheme)
-    return _report(onnx.load(str(out), load_external_data=False), scheme.describe(), sizes, tables, out)
+    quantized = _int8(proto, scratch) if scheme.op == "DynamicQuantizeMatMul" else _nbits(proto, scheme)
+    return quantized, _report(quantized, scheme.describe(), sizes, tables)
 
 
 def _inits(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -168,10 +167,10 @@ def gather_tables_to_fp16(proto: onnx.ModelProto) -> list[str]:
     return done
 
 
-def _int8(proto: onnx.ModelProto, out: Path) -> None:
+def _int8(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         save_graph(proto, src)
         with _quiet():
@@ -183,10 +182,10 @@ def _int8(proto: onnx.ModelProto, out: Path) -> None:
                 # DefaultTensorType: the fused graph's contrib ops have no ONNX type inference.
                 extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT},
             )
-        save_graph(onnx.load(str(dst)), out)  # our layout: aligned, memory-mappable external data
+        return onnx.load(str(dst))  # its external data read in: the caller saves it in our layout
 
 
-def _nbits(proto: onnx.ModelProto, out: Path, scheme: Scheme) -> None:
+def _nbits(proto: onnx.ModelProto, scheme: Scheme) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     with _quiet():
@@ -197,10 +196,10 @@ def _nbits(proto: onnx.ModelProto, out: Path, scheme: Scheme) -> None:
             accuracy_level=scheme.accuracy_level, op_types_to_quantize=("MatMul",),
         )
         q.process()
-    save_graph(q.model.model, out)
+    return q.model.model
 
 
-def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list[str], out: Path) -> QuantizationReport:
+def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list[str]) -> QuantizationReport:
     report = QuantizationReport(method)
     quantized_types = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
     names = {t.name for t in q.graph.initializer}
@@ -222,7 +221,7 @@ def _report(q: onnx.ModelProto, method: str, sizes: dict[str, int], tables: list
         report.float_tensors[t.name] = f"{helper.tensor_dtype_to_np_dtype(t.data_type).name}: {why}"
     missing = [n for n in sizes if n not in report.quantized]
     if missing:
-        raise RuntimeError(f"{out.name}: linear weights left unquantized: {missing[:4]}")
+        raise RuntimeError(f"{method}: linear weights left unquantized: {missing[:4]}")
     return report
 
 

@@ -176,15 +176,17 @@ def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, e
 
     from gptdeploy.exporters.agreement import check_agreement
     from gptdeploy.exporters.evaltext import held_out_text, sampled_text
+    from gptdeploy.exporters.graph_files import save_graph
     from gptdeploy.exporters.quantize import quantize_graph
 
     stage(f"quantizing to {options.precision}")
-    quant = quantize_graph(onnx.load(str(fp32_path)), options.precision, path)
-    data_file = path.name + ".data" if path.with_name(path.name + ".data").exists() else None
+    proto, quant = quantize_graph(onnx.load(str(fp32_path)), options.precision, path.parent)
     ref_session, cfg, tok = ort_session(fp32_path), source.config, source.tokenizer
     sig = fp32.signature
     if options.kv_cache == "int8":
-        sig = _int8_kv_cache(fp32, ref_session, path, data_file, inputs, cfg, stage)
+        sig = _int8_kv_cache(fp32, ref_session, proto, inputs, cfg, stage)
+    data_file = save_graph(proto, path)  # once, after every edit
+    del proto
     stage(f"measuring the {options.precision} graph against the fp32 graph")
     session = ort_session(path)
     text = held_out_text(source, tok.json, tok.vocab_size, cfg.block_size, explicit=eval_text)
@@ -214,11 +216,8 @@ def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, e
     return BuiltGraph(sig, data_file, report, info)
 
 
-def _int8_kv_cache(fp32: BuiltGraph, ref_session, path: Path, data_file, inputs: ParityInputs, cfg, stage) -> GraphSignature:
-    """The quantized graph at `path` rewritten to keep an int8 KV cache (exporters/kv_quant.py)."""
-    import onnx
-
-    from gptdeploy.exporters.graph_files import save_graph
+def _int8_kv_cache(fp32: BuiltGraph, ref_session, proto, inputs: ParityInputs, cfg, stage) -> GraphSignature:
+    """The quantized graph `proto` rewritten in place to keep an int8 KV cache (exporters/kv_quant.py)."""
     from gptdeploy.exporters.kv_quant import calibrate, int8_kv_cache
 
     if not fp32.kv_shared_buffer:
@@ -227,10 +226,7 @@ def _int8_kv_cache(fp32: BuiltGraph, ref_session, path: Path, data_file, inputs:
                           "export without --kv-cache")
     stage("calibrating the int8 KV cache on the fp32 graph")
     scales = calibrate(ref_session, fp32.signature, inputs.prompts, inputs.pad_id, inputs.vocab, cfg.block_size)
-    proto = onnx.load(str(path))
-    sig = int8_kv_cache(proto, fp32.signature, scales)
-    save_graph(proto, path, external_data=data_file is not None)
-    return sig
+    return int8_kv_cache(proto, fp32.signature, scales)
 
 
 def _graph_bytes(path: Path, data_file: str | None) -> int:
