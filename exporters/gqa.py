@@ -146,7 +146,7 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
             outputs.append(io.attention(i))
         nodes.append(helper.make_node(
             "GroupQueryAttention", names, outputs, name=f"{P}/h.{i}/GroupQueryAttention", domain=MS_DOMAIN,
-            num_heads=config.n_head, kv_num_heads=config.kv_heads, scale=_scale(config, i),
+            num_heads=config.n_head, kv_num_heads=config.kv_heads, scale=config.attention_scale(i),
             do_rotary=int(rotary),
             local_window_size=config.sliding_window if config.windowed(i) else -1,
             **({"qk_output": 2} if sig.attentions else {}),  # after the softmax: the probabilities
@@ -156,12 +156,6 @@ def fuse_attention(proto: onnx.ModelProto, config: GPTConfig, sig: GraphSignatur
     ensure_opset(proto, MS_DOMAIN)
     remove_dead_nodes(g)
     return None
-
-
-def _scale(config: GPTConfig, layer: int) -> float:
-    """The attention scale as modeling.Attention computes it."""
-    scale = 1.0 / float(np.sqrt(config.head_dim))
-    return scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
 
 
 def _shared_inputs(g: onnx.GraphProto, config: GPTConfig) -> dict:

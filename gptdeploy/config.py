@@ -9,6 +9,7 @@ written before the switches existed hold only the GPT-2 fields; the defaults are
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from gptdeploy.errors import ConfigError
@@ -132,6 +133,13 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    def attention_scale(self, layer: int) -> float:
+        """What layer `layer`'s attention scores are multiplied by before the softmax."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= layer + 1  # HF GPT-2's option, used by some fine-tunes for fp16 stability
+        return scale
 
     @property
     def inner(self) -> int:

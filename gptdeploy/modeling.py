@@ -95,10 +95,7 @@ class Attention(nn.Module):
             self.q_norm = Norm(self.hs, "rmsnorm", False, config.layer_norm_eps)
             self.k_norm = Norm(self.hs, "rmsnorm", False, config.layer_norm_eps)
         self.qk_norm = config.qk_norm
-        scale = 1.0 / math.sqrt(self.hs)
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= layer + 1  # HF GPT-2's option, used by some fine-tunes for fp16 stability
-        self.scale = scale
+        self.scale = config.attention_scale(layer)
 
     def forward(
         self, x: torch.Tensor, bias: torch.Tensor, past: KV, rope: tuple[torch.Tensor, torch.Tensor] | None
