@@ -21,6 +21,7 @@ import numpy as np
 
 from gptdeploy.bundle import Bundle
 from gptdeploy.runtimes.ort import OrtRuntime
+from gptdeploy.steps import Steps
 
 
 def measure(bundle_path: Path, prompt_lens: list[int], chunks: list[int], rounds: int, threads: int) -> list[dict]:
@@ -31,11 +32,10 @@ def measure(bundle_path: Path, prompt_lens: list[int], chunks: list[int], rounds
     try:
         for r in range(rounds + 1):  # round 0 warms every session up at every length
             for t in prompt_lens:
-                ids = np.random.default_rng(r).integers(0, vocab, size=(1, t))  # (1, T)
-                mask, pos = np.ones_like(ids), np.arange(t, dtype=np.int64)[None]  # (1, T)
+                ids = np.random.default_rng(r).integers(0, vocab, size=(1, t)).tolist()  # one prompt of T ids
                 for c, rt in runtimes.items():
                     start = time.perf_counter()
-                    rt.prefill(ids, mask, pos)
+                    Steps(rt, ids, pad_id=0, room=1).prefill()
                     if r:
                         times[(t, c)].append(time.perf_counter() - start)
                     rt.reset()

@@ -28,6 +28,7 @@ def main() -> None:
 
     from gptdeploy.bundle import Bundle
     from gptdeploy.runtimes.ort import OrtRuntime, session_options
+    from gptdeploy.steps import Steps
 
     class Sleeping(OrtRuntime):
         def _session_options(self, threads):
@@ -36,18 +37,18 @@ def main() -> None:
             return so
 
     bundle, ctx = Bundle.load(args.bundle), args.context
-    ids = np.random.default_rng(0).integers(0, bundle.manifest.tokenizer.vocab_size, (1, ctx))
+    ids = np.random.default_rng(0).integers(0, bundle.manifest.tokenizer.vocab_size, (1, ctx)).tolist()
     rates: dict[str, list[float]] = {"spinning": [], "sleeping": []}
     kinds = [("spinning", OrtRuntime), ("sleeping", Sleeping)]
     for r in range(args.rounds):
         for name, cls in kinds if r % 2 == 0 else kinds[::-1]:
             with cls(bundle, bundle.graph(), threads=args.threads) as rt:
-                out = rt.prefill(ids, np.ones_like(ids), np.arange(ctx)[None])
+                steps = Steps(rt, ids, pad_id=0, room=8 + args.steps)
+                out = steps.prefill()
                 for s in range(8 + args.steps):  # 8 untimed steps first
                     if s == 8:
                         t0 = time.perf_counter()
-                    S = ctx + s + 1
-                    out = rt.decode(out.logits.argmax(-1)[:, None], np.ones((1, S), np.int64), np.array([[S - 1]]))
+                    out = steps.decode(out.logits.argmax(-1))
                 rates[name].append(args.steps / (time.perf_counter() - t0))
     for name, v in rates.items():
         print(f"{name:>9}: median {statistics.median(v):7.1f}, best {max(v):7.1f} decode tok/s "

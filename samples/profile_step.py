@@ -78,8 +78,10 @@ def categorize(event: dict, weights: dict[str, int]) -> tuple[str, int]:
     return "small ops", 0
 
 
-def summarize(trace: list[dict], runs: int, weights: dict[str, int]) -> dict:
-    """Per-op and per-category milliseconds per run over the last `runs` model_run events."""
+def summarize(trace: list[dict], runs: int, weights: dict[str, int], per: int | None = None) -> dict:
+    """Per-op and per-category milliseconds over the last `runs` model_run events, divided by `per`
+    (default `runs`: per run; 1: their total, a prefill run in chunks)."""
+    runs, per = runs, per or runs
     model_runs = [e for e in trace if e.get("name") == "model_run"][-runs:]
     start = model_runs[0]["ts"]
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]
@@ -88,19 +90,20 @@ def summarize(trace: list[dict], runs: int, weights: dict[str, int]) -> dict:
     weight_bytes = 0
     for e in kernels:
         cat, nbytes = categorize(e, weights)
-        per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
-        per_cat[cat] += e["dur"] / 1e3 / runs
+        per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / per
+        per_cat[cat] += e["dur"] / 1e3 / per
         weight_bytes += nbytes
-    run_ms = sum(e["dur"] for e in model_runs) / 1e3 / runs
+    run_ms = sum(e["dur"] for e in model_runs) / 1e3 / per
     per_cat["executor"] = run_ms - sum(per_cat.values())
     return {"run_ms": run_ms, "per_op": dict(per_op), "per_cat": dict(per_cat),
-            "weight_mb": weight_bytes / runs / 1e6, "nodes": len(kernels) // runs}
+            "weight_mb": weight_bytes / per / 1e6, "nodes": len(kernels) // per}
 
 
 def profile(bundle_path: Path, context: int, steps: int, warmup: int, threads: int) -> dict:
     """One bundle at one context: the prefill run and `steps` decode steps, profiled."""
     from gptdeploy.bundle import Bundle
     from gptdeploy.runtimes.ort import OrtRuntime, session_options
+    from gptdeploy.steps import Steps
 
     class Profiled(OrtRuntime):
         def _session_options(self, threads):
@@ -111,16 +114,16 @@ def profile(bundle_path: Path, context: int, steps: int, warmup: int, threads: i
 
     bundle = Bundle.load(bundle_path)
     vocab = bundle.manifest.tokenizer.vocab_size
-    ids = np.random.default_rng(0).integers(0, vocab, size=(1, context), dtype=np.int64)
+    ids = np.random.default_rng(0).integers(0, vocab, size=(1, context)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         rt = Profiled(bundle, bundle.graph(), threads)
-        out = rt.prefill(ids, np.ones_like(ids), np.arange(context, dtype=np.int64)[None])
+        chain = Steps(rt, ids, pad_id=0, room=warmup + steps)
+        out = chain.prefill()
         walls = []
-        for step in range(warmup + steps):
-            S = context + step + 1
-            nxt = out.logits.argmax(-1)[:, None].astype(np.int64)
+        for _ in range(warmup + steps):
+            nxt = out.logits.argmax(-1)  # (1,)
             t0 = time.perf_counter()
-            out = rt.decode(nxt, np.ones((1, S), np.int64), np.full((1, 1), S - 1, np.int64))
+            out = chain.decode(nxt)
             walls.append(time.perf_counter() - t0)
         trace = json.loads(Path(rt._session.end_profiling()).read_text())
         rt.close()
@@ -129,7 +132,8 @@ def profile(bundle_path: Path, context: int, steps: int, warmup: int, threads: i
     decode["wall_ms"] = statistics.mean(walls[warmup:]) * 1e3
     decode["per_cat"]["python"] = decode["wall_ms"] - decode["run_ms"]
     runs = [e for e in trace if e.get("name") == "model_run"]
-    prefill = summarize([e for e in trace if e["ts"] < runs[1]["ts"]], 1, weights)
+    calls = -(-context // (rt.prefill_chunk or context))  # the prefill's runs: one per chunk
+    prefill = summarize([e for e in trace if e["ts"] < runs[calls]["ts"]], calls, weights, per=1)
     return {"bundle": str(bundle_path), "context": context, "decode": decode, "prefill": prefill}
 
 
