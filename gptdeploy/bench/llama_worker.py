@@ -143,7 +143,7 @@ def main() -> None:
     try:
         row = run_llama(job)
     except Exception as exc:  # noqa: BLE001 - reported as the row's error, the run goes on
-        row = failed_row(job, "llama.cpp", exc)
+        row = failed_row(job, "llama.cpp", str(exc))
     print(json.dumps(asdict(row)))
 
 

@@ -90,8 +90,9 @@ def measure(row: Row, one_run, job: dict, after_run=lambda: None) -> Row:
     return row
 
 
-def failed_row(job: dict, label: str, exc: BaseException) -> Row:
-    """The row a worker prints when its configuration cannot run: the run goes on."""
+def failed_row(job: dict, label: str, why: str, kind: str | None = None) -> Row:
+    """The row of a configuration that could not run (a worker's error, or a worker that died):
+    the run goes on."""
     ids = job["prompt_ids"]
-    return Row(label, label, None, len(ids), len(ids[0]), job["new_tokens"], job["threads"],
-               error=" ".join(str(exc).split())[:300])
+    return Row(label, kind or label, None, len(ids), len(ids[0]), job["new_tokens"], job["threads"],
+               error=" ".join(why.split())[:300])

@@ -25,7 +25,7 @@ import numpy as np
 
 from gptdeploy import machine
 from gptdeploy.bench import llama
-from gptdeploy.bench.measure import Row, latency_percentiles, stats
+from gptdeploy.bench.measure import Row, failed_row, latency_percentiles, stats
 from gptdeploy.bundle import Bundle
 from gptdeploy.errors import BackendUnavailable, GenerationError
 from gptdeploy.machine import physical_cores
@@ -247,9 +247,7 @@ def _run_worker(job: dict, argv: list[str], label: str) -> Row:
     except (IndexError, json.JSONDecodeError, TypeError):
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])
         how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        ids = job["prompt_ids"]
-        return Row(label, job["baseline"] or label.partition("@")[0], None, len(ids), len(ids[0]),
-                   job["new_tokens"], job["threads"], error=f"worker died ({how}): {tail}"[:300])
+        return failed_row(job, label, f"worker died ({how}): {tail}", kind=job["baseline"] or label.partition("@")[0])
 
 
 def add_ratios(rows: list[Row]) -> None:

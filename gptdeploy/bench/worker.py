@@ -151,7 +151,7 @@ def main() -> None:
     try:
         row = run_baseline(job) if job.get("baseline") else run_runtime(job)
     except Exception as exc:  # noqa: BLE001 - reported as the row's error, the run goes on
-        row = failed_row(job, str(job.get("backend") or job.get("baseline")), exc)
+        row = failed_row(job, str(job.get("backend") or job.get("baseline")), str(exc))
     print(json.dumps(asdict(row)))
 
 
