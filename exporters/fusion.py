@@ -2,15 +2,19 @@
 
 Two passes, and the report says what each one actually did:
 
-1. Attention -> `com.microsoft.GroupQueryAttention`, our own pass (exporters/gqa.py), for every
+1. onnxruntime's transformer optimizer for the norm and GELU fusions (SkipLayerNormalization,
+   (Skip)SimplifiedLayerNormalization, FastGelu / BiasGelu): exporters/ort_fusions.py. It runs
+   first, on standard ops only: its Skip*Normalization fusion needs the shapes its symbolic shape
+   inference finds, and that inference stops at GroupQueryAttention's attention output, so after
+   the attention pass it fused no norm in audit graphs (measured: GPT-2-124M fp32 audit decode
+   step 22.4 ms, 192 kernels, vs 19.6 ms and 145 kernels without attention outputs).
+2. Attention -> `com.microsoft.GroupQueryAttention`, our own pass (exporters/gqa.py), for every
    family: each layer is found through the initializers that hold its c_attn and c_proj weights
    (by value, as the manifest's weights map), and everything between the two projections becomes
    one node that also writes the KV cache, in place when the runtime shares one buffer between
    past and present (runtimes/ort.py). onnxruntime's own attention fusion recognises only Hugging
    Face's old GPT-2 export with one stacked `past_{i}` per layer (measured: `Attention: 0`).
    Graphs with attention outputs get them from the op's softmax output (qk_output=2).
-2. onnxruntime's transformer optimizer for the norm and GELU fusions (SkipLayerNormalization,
-   (Skip)SimplifiedLayerNormalization, FastGelu / BiasGelu): exporters/ort_fusions.py.
 
 The Linear layers stay MatMul on (K, N) weights, which onnxruntime pre-packs at load. An earlier
 third pass stored them as Gemm(transB=1) on unpacked (N, K) weights for one-row products: ~14%
@@ -64,12 +68,15 @@ def fuse_graph(
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
     report = FusionReport(nodes_before=len(fused.graph.node))
+    # onnxruntime's optimizer first, on standard ops: its Skip*Normalization fusion needs the shapes
+    # its symbolic shape inference finds, which stops at GroupQueryAttention's attention output
+    # (an audit graph's qk_output): run after the attention pass, it fused no norm in audit graphs.
+    report.optimizer = run_ort_optimizer(fused, config, report.notes)
     problem = "no parameters to locate the layers by" if params is None else fuse_attention(fused, config, sig, params)
     if problem:
         report.notes.append(f"attention not fused: {problem}")
     else:
         report.attention = config.n_layer
-    report.optimizer = run_ort_optimizer(fused, config, report.notes)
     report.nodes_after = len(fused.graph.node)
     return fused, report
 

@@ -291,8 +291,10 @@ def test_default_fp32_audit_graph_is_fused_and_records_what_the_portable_graph_r
     assert audit.graph().signature.attentions and portable.graph().signature.attentions
     assert portable.manifest.parity["fp32"]["graph"]["fused"] is False
     ops = {n.op_type: n for n in onnx.load(str(audit.file("model.onnx"))).graph.node}
-    assert "GroupQueryAttention" in ops and "Softmax" not in ops
+    assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu"} <= set(ops) and "Softmax" not in ops
     assert {a.name: a.i for a in ops["GroupQueryAttention"].attribute}["qk_output"] == 2
+    fusion = audit.manifest.parity["fp32"]["graph"]["fusion"]  # the same norm and GELU fusions as without outputs
+    assert fusion["onnxruntime optimizer"] == bundles["fast"].bundle.manifest.parity["fp32"]["graph"]["fusion"]["onnxruntime optimizer"]
     portable_ops = onnx.load(str(portable.file("model.onnx"))).graph.node
     assert {n.domain for n in portable_ops} <= {"", "ai.onnx"} and "Softmax" in {n.op_type for n in portable_ops}
     prompts = ["The quick brown fox", "你好", "A deploy bundle carries"]
