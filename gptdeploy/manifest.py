@@ -164,6 +164,15 @@ class Manifest:
     def max_context(self) -> int:
         return self.config.block_size
 
+    def cpu_graph(self, entry: GraphEntry) -> str | None:
+        """How graph `entry` is bound to onnxruntime's CPU provider (its com.microsoft ops), or None
+        for a standard-ONNX graph, which TensorRT and onnxruntime's CUDA provider take."""
+        if entry.precision in QUANTIZED:
+            return f"quantized to {entry.precision}"
+        parity = self.parity.get(entry.name)
+        built = parity.get("graph") if isinstance(parity, dict) else None
+        return "fused" if isinstance(built, dict) and built.get("fused") else None
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,

@@ -146,6 +146,13 @@ class OrtCudaRuntime(RuntimeBase):
         super().__init__(bundle, graph)
         if device == "cuda" and (problem := missing()):
             raise BackendUnavailable(f"backend 'ort-cuda' is unavailable: {problem}")
+        if device == "cuda" and bundle is not None and (kind := bundle.manifest.cpu_graph(graph)):
+            # Its com.microsoft ops have fp32 / quantized kernels on the CPU only: onnxruntime would
+            # place them there and copy every layer's activations across. `auto` goes on to `ort`.
+            raise BackendUnavailable(
+                f"graph {graph.name!r} is {kind} for onnxruntime on CPUs, not for its CUDA provider; run it "
+                "with --backend ort, or export with --fp16 (or --portable for fp32) for the GPU"
+            )
         self.device, self.device_id = device, device_id
         so = ort.SessionOptions()
         so.log_severity_level = 3

@@ -324,6 +324,30 @@ def test_portable_is_for_fp32_and_build_engine_refuses_cpu_graphs(tiny, tmp_path
         assert line.startswith("error: graph") and what in line and "--portable" in line and "--fp16" in line
 
 
+def test_cuda_provider_refuses_cpu_graphs_and_auto_goes_on_to_ort(tiny, monkeypatch):
+    """On a GPU machine, a fused or quantized graph is not handed to onnxruntime's CUDA provider
+    (its com.microsoft ops would run on the CPU, activations copied across every layer): an explicit
+    ort-cuda says what to do, `auto` takes the `ort` runtime; a portable graph is accepted."""
+    from gptdeploy.errors import BackendUnavailable
+    from gptdeploy.runtimes import backends, ort_cuda
+
+    _, bundles = tiny
+    monkeypatch.setattr(ort_cuda, "missing", lambda: None)  # as if onnxruntime had its CUDA provider
+    monkeypatch.setattr(backends, "_auto_candidates", lambda: ["ort-cuda", "ort"])
+    for kind, what in (("fp32", "is fused"), ("int8", "is quantized to int8")):
+        b = bundles[kind].bundle
+        with pytest.raises(BackendUnavailable, match=f"graph '{b.graph().name}' {what} .*--backend ort.*--portable"):
+            ort_cuda.OrtCudaRuntime(b, b.graph())
+        with backends.open_runtime(b, "auto", threads=1) as rt:
+            assert rt.name == "ort"
+    opened = []
+    monkeypatch.setattr(ort_cuda, "_open_session", lambda *a: opened.append(a) or (_ for _ in ()).throw(
+        BackendUnavailable("no GPU here")))
+    with pytest.raises(BackendUnavailable, match="no GPU here"):  # got past the graph check
+        ort_cuda.OrtCudaRuntime(bundles["portable"].bundle, bundles["portable"].bundle.graph())
+    assert opened
+
+
 def test_fused_sample_same_greedy_tokens_as_audit_graph(sample):
     assert sample["fast"].bundle.manifest.parity["fp32"]["graph"]["fused"] is True
     assert _greedy(sample["fast"].bundle.path, PROMPTS) == _greedy(sample["fp32"].bundle.path, PROMPTS)

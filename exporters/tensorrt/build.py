@@ -27,7 +27,7 @@ from gptdeploy.engines import (
 )
 from gptdeploy.errors import ExportError
 from gptdeploy.hashing import sha256_file
-from gptdeploy.manifest import MANIFEST, QUANTIZED, GraphEntry
+from gptdeploy.manifest import MANIFEST, GraphEntry
 from gptdeploy.profiles import check_limits, check_profiles, default_max_context, profile_shapes
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,7 @@ def choose_graph(bundle: Bundle, name: str | None) -> GraphEntry:
     if name is None:
         name = "fp16" if "fp16" in bundle.manifest.graphs else None
     entry = bundle.graph(name)
-    built = bundle.manifest.parity.get(entry.name, {}).get("graph", {})
-    if entry.precision in QUANTIZED or built.get("fused"):
-        kind = f"quantized to {entry.precision}" if entry.precision in QUANTIZED else "fused"
+    if kind := bundle.manifest.cpu_graph(entry):
         raise ExportError(
             f"graph {entry.name!r} is {kind} for onnxruntime on CPUs (com.microsoft ops), which TensorRT cannot "
             "parse; export the model with --fp16, or --portable for an fp32 engine"
