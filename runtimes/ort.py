@@ -124,27 +124,24 @@ class OrtRuntime(RuntimeBase):
     def _prefill(self, input_ids, attention_mask, position_ids, record_attention) -> StepOutput:
         B, T = input_ids.shape
         chunk = min(T, self.prefill_chunk or T)  # positions per call (PREFILL_CHUNK)
+        keep: tuple = ()
         if self._buffers is not None:
             self._buffers.allocate(B, T)
             self._bind_buffers()
-            out = self._run(input_ids[:, :chunk], attention_mask[:, :chunk], position_ids[:, :chunk], None, record_attention)
+            past = None
         else:
             kvh, hs = self._kv_shape
             # One zero-length value serves every layer's empty past: (B, nkv, 0, hs).
-            empty_np = np.zeros((B, kvh, 0, hs), dtype=self._kv_dtype)
-            empty = C.OrtValue.ortvalue_from_numpy(empty_np, self._cpu)
-            out = self._run(input_ids[:, :chunk], attention_mask[:, :chunk], position_ids[:, :chunk], [empty] * self._n_kv,
-                            record_attention, empty_np)
-        if chunk == T:
-            return out
-        rows = [self._rows(out.attentions, T, 0)] if record_attention else []
-        for a in range(chunk, T, chunk):  # each chunk attends to the cache the ones before it wrote
+            keep = (np.zeros((B, kvh, 0, hs), dtype=self._kv_dtype),)
+            past = [C.OrtValue.ortvalue_from_numpy(keep[0], self._cpu)] * self._n_kv
+        rows = []
+        for a in range(0, T, chunk):  # each chunk attends to the cache the ones before it wrote
             b = min(a + chunk, T)
+            out = self._run(input_ids[:, a:b], attention_mask[:, :b], position_ids[:, a:b], past, record_attention, *keep)
             past = None if self._buffers is not None else self._past
-            out = self._run(input_ids[:, a:b], attention_mask[:, :b], position_ids[:, a:b], past, record_attention)
-            if record_attention:
+            if record_attention and chunk < T:
                 rows.append(self._rows(out.attentions, T, a))
-        if not record_attention:
+        if not rows:
             return out
         # (B, nh, T, T) per layer, as one call returns it: each chunk's query rows, zero beyond them
         return StepOutput(out.logits, [np.concatenate(layer, axis=2) for layer in zip(*rows)])
