@@ -119,7 +119,7 @@ async def _generate(request: Request, endpoint: str, parse) -> Response:
         raise error from None
     chunks = shapes.Chunks(rid, service.model, endpoint == "chat")
     if parsed.stream:
-        return StreamingResponse(
+        return _EventStream(
             _events(service, endpoint, parsed, tickets[0], chunks),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, "X-Request-Id": rid},
@@ -173,6 +173,19 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client goes away (the body has been read: nothing else arrives before)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that closes its body generator when the response ends, however it ends.
+    A client that leaves makes Starlette stop at a failed `send` with the generator suspended at a
+    `yield`; left alone, its `finally` (free the engine row, count the outcome) runs only when the
+    garbage collector reaches the abandoned generator, seconds later on an idle server."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 async def _events(service: Service, endpoint: str, parsed: Parsed, ticket: Ticket, chunks: shapes.Chunks):
