@@ -134,27 +134,18 @@ class OrtRuntime(RuntimeBase):
             # One zero-length value serves every layer's empty past: (B, nkv, 0, hs).
             keep = (np.zeros((B, kvh, 0, hs), dtype=self._kv_dtype),)
             past = [C.OrtValue.ortvalue_from_numpy(keep[0], self._cpu)] * self._n_kv
-        rows = []
+        # Recording in chunks: per layer (B, nh, T, T) as one call returns it, each chunk's
+        # (B, nh, c, a + c) rows written in, zero beyond them (the causal mask's zeros)
+        full = ([np.zeros((B, self._n_head, T, T), np.float32) for _ in self._attention_names]
+                if record_attention and chunk < T else None)
         for a in range(0, T, chunk):  # each chunk attends to the cache the ones before it wrote
             b = min(a + chunk, T)
             out = self._run(input_ids[:, a:b], attention_mask[:, :b], position_ids[:, a:b], past, record_attention, *keep)
             past = None if self._buffers is not None else self._past
-            if record_attention and chunk < T:
-                rows.append(self._rows(out.attentions, T, a))
-        if not rows:
-            return out
-        # (B, nh, T, T) per layer, as one call returns it: each chunk's query rows, zero beyond them
-        return StepOutput(out.logits, [np.concatenate(layer, axis=2) for layer in zip(*rows)])
-
-    @staticmethod
-    def _rows(attentions: list[np.ndarray], T: int, start: int) -> list[np.ndarray]:
-        """A chunk's per-layer (B, nh, c, start + c) attention, widened with zeros to T key positions."""
-        out = []
-        for a in attentions:
-            wide = np.zeros((*a.shape[:3], T), np.float32)
-            wide[..., : a.shape[3]] = a
-            out.append(wide)
-        return out
+            if full is not None:
+                for layer, rows in zip(full, out.attentions):
+                    layer[:, :, a:b, :b] = rows
+        return out if full is None else StepOutput(out.logits, full)
 
     def _decode(self, next_ids, attention_mask, position_ids, record_attention) -> StepOutput:
         if self._buffers is not None:

@@ -81,7 +81,7 @@ def categorize(event: dict, weights: dict[str, int]) -> tuple[str, int]:
 def summarize(trace: list[dict], runs: int, weights: dict[str, int], per: int | None = None) -> dict:
     """Per-op and per-category milliseconds over the last `runs` model_run events, divided by `per`
     (default `runs`: per run; 1: their total, a prefill run in chunks)."""
-    runs, per = runs, per or runs
+    per = per or runs
     model_runs = [e for e in trace if e.get("name") == "model_run"][-runs:]
     start = model_runs[0]["ts"]
     kernels = [e for e in trace if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]

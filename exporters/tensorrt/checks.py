@@ -127,8 +127,8 @@ def _node_problems(node: onnx.NodeProto, types: dict[str, int]) -> list[tuple[st
             (
                 f"{node.domain}.{op}",
                 f"{node.domain}.{op} is not a standard ONNX op (an onnxruntime contrib "
-                "or custom op); TensorRT's parser needs a plugin for it. Export without "
-                "onnxruntime graph fusions",
+                "or custom op); TensorRT's parser needs a plugin for it. Export with --fp16, or "
+                "--portable for fp32: graphs without onnxruntime's fusions",
             )
         ]
     support = OPERATORS.get(op)
