@@ -43,11 +43,14 @@ class BuiltGraph:
 
 
 def ort_session(path: Path):
+    """A session running the kernels the `ort` runtime runs, for the checks of a built graph."""
     import onnxruntime as ort
+
+    from gptdeploy.runtimes.ort_session import open_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return open_session(path, opts)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
     from gptdeploy.exporters.gqa import attention_params
     from gptdeploy.exporters.graph_files import save_graph
     from gptdeploy.exporters.onnx import export_onnx
-    from gptdeploy.runtimes.ort import ORT_ERRORS
+    from gptdeploy.runtimes.ort_session import ORT_ERRORS
 
     cfg = model.config
     stage(f"tracing {cfg.n_layer}-layer model to ONNX (fp32)")

@@ -14,7 +14,6 @@ import logging
 import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import _pybind_state as C  # the layer onnxruntime's own Python classes wrap
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
@@ -23,10 +22,10 @@ from gptdeploy.machine import physical_cores
 from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from gptdeploy.runtimes.kv_buffer import KVBuffers
+from gptdeploy.runtimes.ort_session import ORT_ERRORS, open_session, session_options
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ["CPUExecutionProvider"]  # explicit: never let onnxruntime pick (or warn about) providers
 # Longer prompts are prefilled in chunks of this many positions, each attending to the cache the
 # chunks before it wrote. onnxruntime's CPU attention computes every (query, key) score of a call,
 # masked ones included, so one call over T positions scores T x T pairs and chunks of C score about
@@ -35,30 +34,6 @@ PROVIDERS = ["CPUExecutionProvider"]  # explicit: never let onnxruntime pick (or
 # prompt 1536: 1900 -> 1518 ms (256); int8 228 -> 188 ms (docs/performance.md). The probabilities
 # buffer of a call shrinks the same way (B x heads x C x T floats instead of T x T).
 PREFILL_CHUNK = 256
-ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
-    ort_state.Fail,
-    ort_state.InvalidArgument,
-    ort_state.RuntimeException,
-    ort_state.InvalidProtobuf,
-    ort_state.InvalidGraph,
-    ort_state.NoSuchFile,
-    ort_state.NotImplemented,
-)
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """The options both this runtime and the benchmark's bare loop use."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1  # one sequential chain of ops: a second pool only adds wake-ups
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Memory patterns pre-plan one block per input-shape set; every decode step has new shapes,
-    # and at prefill 512 the planned block held 49 MiB more than allocating per tensor, for the
-    # same speed (GPT-2-124M: 819 -> 770 MiB peak, 581 vs 579 ms, measured).
-    so.enable_mem_pattern = False
-    so.log_severity_level = 3  # errors only; optimizer notes are not the user's business
-    return so
 
 
 class OrtRuntime(RuntimeBase):
@@ -82,7 +57,7 @@ class OrtRuntime(RuntimeBase):
     name = "ort"
 
     def __init__(self, bundle: Bundle, graph: GraphEntry, threads: int | None = None,
-                 prefill_chunk: int | None = PREFILL_CHUNK):
+                 prefill_chunk: int | None = PREFILL_CHUNK, gqa_flash: bool | None = None):
         super().__init__(bundle, graph)
         self.threads = threads = threads or physical_cores()
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -90,7 +65,7 @@ class OrtRuntime(RuntimeBase):
         self.prefill_chunk = prefill_chunk  # None: every prompt in one call
         path = bundle.file(graph.file)
         try:
-            self._session = ort.InferenceSession(str(path), self._session_options(threads), providers=PROVIDERS)
+            self._session = open_session(path, self._session_options(threads), gqa_flash)
         except ORT_ERRORS as exc:
             raise BundleError(f"onnxruntime cannot load graph {graph.file!r}: {_first_line(exc)}") from None
         sig = graph.signature

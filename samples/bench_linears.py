@@ -107,15 +107,13 @@ def main() -> None:
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated names from LAYOUTS")
     args = ap.parse_args()
 
-    import onnxruntime as ort
-
-    from gptdeploy.runtimes.ort import PROVIDERS, session_options
+    from gptdeploy.runtimes.ort_session import open_session, session_options
 
     names = args.layouts.split(",")
     mats, _ = linears(args.shape)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {n: make_layout(args.shape, *LAYOUTS[n], Path(tmp)) for n in names}
-        sessions = {n: ort.InferenceSession(str(p), session_options(args.threads), providers=PROVIDERS) for n, p in paths.items()}
+        sessions = {n: open_session(p, session_options(args.threads)) for n, p in paths.items()}
         sizes = {n: (p.stat().st_size / 1e6) for n, p in paths.items()}
         for rows in (int(r) for r in args.rows.split(",")):
             feeds = {f"x{k}": np.random.default_rng(1).standard_normal((rows, k), np.float32) for k in {k for k, _ in mats}}

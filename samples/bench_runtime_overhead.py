@@ -33,7 +33,7 @@ from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
 from gptdeploy.generate import Generator
 from gptdeploy.runtimes.backends import open_runtime
-from gptdeploy.runtimes.ort import PROVIDERS, session_options
+from gptdeploy.runtimes.ort_session import open_session, session_options
 from gptdeploy.tokenizer import Tokenizer
 
 PROMPT_TEXT = (
@@ -96,9 +96,7 @@ def main() -> None:
     raw = tokenizers.Tokenizer.from_file(str(bundle.file(entry.file)))
     no_eos = Tokenizer(raw, replace(entry, eos_token_id=None))  # decode all --new-tokens
     gen = Generator(open_runtime(bundle, "ort", threads=args.threads), no_eos, bundle)
-    sess = ort.InferenceSession(
-        str(bundle.file(bundle.graph().file)), session_options(args.threads), providers=PROVIDERS
-    )
+    sess = open_session(bundle.file(bundle.graph().file), session_options(args.threads))  # the runtime's kernels
     prompt = prompt_ids(gen, args.prompt_tokens)
     # Warm-up: first runs pay for allocator arenas and page faults of the weights.
     gen.generate_ids([prompt], max_new_tokens=8)

@@ -102,7 +102,8 @@ def summarize(trace: list[dict], runs: int, weights: dict[str, int], per: int | 
 def profile(bundle_path: Path, context: int, steps: int, warmup: int, threads: int) -> dict:
     """One bundle at one context: the prefill run and `steps` decode steps, profiled."""
     from gptdeploy.bundle import Bundle
-    from gptdeploy.runtimes.ort import OrtRuntime, session_options
+    from gptdeploy.runtimes.ort import OrtRuntime
+    from gptdeploy.runtimes.ort_session import session_options
     from gptdeploy.steps import Steps
 
     class Profiled(OrtRuntime):

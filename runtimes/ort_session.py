@@ -1,0 +1,68 @@
+"""How the `ort` runtime opens an onnxruntime CPU session: its options, and the attention kernel
+onnxruntime's GroupQueryAttention runs.
+
+onnxruntime's CPU GroupQueryAttention has two kernels: a tiled "flash" one (its default in
+onnxruntime 1.32, which this was measured with) and one that materializes each head's
+(T_new x T) scores. The kernel reads `ORT_GQA_DISABLE_FLASH_ATTENTION`
+once, when a session creates it; there is no session option for it. On the machine
+docs/performance.md measured (2-core Xeon, head size 64), the tiled kernel took 1.06-1.25x as long
+to prefill 512 or 900 positions and decoded at 0.90-1.02x the rate after them (fp32, int8, int4
+and an int8 cache; GPT-2-124M and SmolLM-135M shapes; `samples/bench_variants.py`), so
+gptdeploy's sessions use the materializing one unless told otherwise. Audit graphs (`qk_output`)
+always do, whichever is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+PROVIDERS = ["CPUExecutionProvider"]  # explicit: never let onnxruntime pick (or warn about) providers
+ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.RuntimeException,
+    ort_state.InvalidProtobuf,
+    ort_state.InvalidGraph,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+)
+GQA_FLASH = False  # the tiled GroupQueryAttention kernel: measured slower here (module docstring)
+GQA_FLASH_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"  # onnxruntime's own switch, read at session creation
+_env_lock = threading.Lock()  # one session at a time sets and restores the variable
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """The options both the `ort` runtime and the benchmark's bare loops use."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1  # one sequential chain of ops: a second pool only adds wake-ups
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Memory patterns pre-plan one block per input-shape set; every decode step has new shapes,
+    # and at prefill 512 the planned block held 49 MiB more than allocating per tensor, for the
+    # same speed (GPT-2-124M: 819 -> 770 MiB peak, 581 vs 579 ms, measured).
+    so.enable_mem_pattern = False
+    so.log_severity_level = 3  # errors only; optimizer notes are not the user's business
+    return so
+
+
+def open_session(path: Path, options: ort.SessionOptions, gqa_flash: bool | None = None) -> ort.InferenceSession:
+    """A CPU session over the graph at `path`. `gqa_flash`: run GroupQueryAttention's tiled kernel
+    (True) or the materializing one (False); None: as `ORT_GQA_DISABLE_FLASH_ATTENTION` says
+    where the environment sets it, else GQA_FLASH. Raises what onnxruntime raises (ORT_ERRORS)."""
+    with _env_lock:
+        before = os.environ.get(GQA_FLASH_ENV)
+        if gqa_flash is not None or before is None:
+            os.environ[GQA_FLASH_ENV] = "0" if (GQA_FLASH if gqa_flash is None else gqa_flash) else "1"
+        try:
+            return ort.InferenceSession(str(path), options, providers=PROVIDERS)
+        finally:
+            if before is None:
+                os.environ.pop(GQA_FLASH_ENV, None)
+            else:
+                os.environ[GQA_FLASH_ENV] = before

@@ -1,0 +1,102 @@
+"""How the `ort` runtime opens its sessions (runtimes/ort_session.py): onnxruntime's CPU
+GroupQueryAttention has a tiled ("flash") kernel and a materializing one, chosen by an environment
+variable it reads when a session is created. The runtime picks the materializing one unless told
+otherwise or the user's environment says; it must leave the environment as it found it, and both
+kernels must compute the source framework's logits on a fused graph (left-padded batch, chunked
+prefill, decode steps)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from gptdeploy.exporters.export import export_bundle
+from gptdeploy.exporters.references import HFReference
+from gptdeploy.parity import TOLERANCES
+from gptdeploy.runtimes import ort_session
+from gptdeploy.runtimes.ort import OrtRuntime
+from gptdeploy.steps import Steps, left_pad, positions
+from tests.factories import make_hf_dir
+
+ENV = ort_session.GQA_FLASH_ENV
+PROMPTS = [list(range(3, 40)), [42, 43, 44], [7, 7, 3, 250, 9, 11, 13, 17, 19, 23, 29]]
+STEPS = 8
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """The variable's value at each session creation (None: unset), onnxruntime faked."""
+    values: list[str | None] = []
+
+    def fake_session(path, options, providers):
+        values.append(os.environ.get(ENV))
+        return "session"
+
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", fake_session)
+    monkeypatch.delenv(ENV, raising=False)
+    return values
+
+
+def test_the_materializing_kernel_by_default_and_the_environment_left_as_found(seen):
+    assert ort_session.open_session("g.onnx", ort.SessionOptions()) == "session"
+    assert ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=True) == "session"
+    assert seen == ["0" if ort_session.GQA_FLASH else "1", "0"]
+    assert ENV not in os.environ
+
+
+def test_a_users_setting_wins_over_the_default_and_survives_an_explicit_choice(seen, monkeypatch):
+    monkeypatch.setenv(ENV, "0")  # the user wants the tiled kernel
+    ort_session.open_session("g.onnx", ort.SessionOptions())
+    ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=False)  # a measurement forcing it
+    assert seen == ["0", "1"]
+    assert os.environ[ENV] == "0"
+
+
+def test_the_environment_is_restored_when_onnxruntime_refuses_the_graph(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+
+    def refusing(path, options, providers):
+        raise ort_session.ORT_ERRORS[0]("bad graph")
+
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", refusing)
+    with pytest.raises(ort_session.ORT_ERRORS):
+        ort_session.open_session("g.onnx", ort.SessionOptions())
+    assert ENV not in os.environ
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """A GQA 3:1 Llama's fused graph without attention outputs (the graph the tiled kernel can
+    serve: an audit graph's `qk_output` always takes the materializing one), and its source."""
+    root = tmp_path_factory.mktemp("gqa-kernels")
+    src = make_hf_dir(root / "src", "llama", seed=5, hidden_size=96, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    return src, export_bundle(src, root / "b", attentions=False).bundle
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_both_attention_kernels_compute_the_source_logits(fused):
+    src, bundle = fused
+    logits, tokens = {}, {}
+    for flash in (False, True):
+        with OrtRuntime(bundle, bundle.graph(), threads=2, prefill_chunk=16, gqa_flash=flash) as rt:
+            steps = Steps(rt, PROMPTS, pad_id=0, room=STEPS)
+            out = steps.prefill()
+            got, ids = [out.logits], []
+            for _ in range(STEPS):
+                ids.append(out.logits.argmax(-1))
+                out = steps.decode(ids[-1])
+                got.append(out.logits)
+        logits[flash], tokens[flash] = np.stack(got), np.stack(ids)  # (STEPS+1, B, V), (STEPS, B)
+
+    ids, mask = left_pad(PROMPTS, 0)  # (B, L): the padding makes an attention bias in the graph
+    ref = HFReference(src)(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(positions(mask)))
+    tol = TOLERANCES["fp32"]["logits"][0]  # fp32 against transformers, as parity judges it
+    for flash in (False, True):
+        assert float(np.abs(logits[flash][0] - ref.logits[:, -1].numpy()).max()) <= tol
+    np.testing.assert_allclose(logits[True], logits[False], atol=1e-5, rtol=0)  # fp32 sums in another order
+    np.testing.assert_array_equal(tokens[True], tokens[False])
