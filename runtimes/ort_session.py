@@ -8,8 +8,13 @@ once, when a session creates it; there is no session option for it. On the machi
 docs/performance.md measured (2-core Xeon, head size 64), the tiled kernel took 1.06-1.25x as long
 to prefill 512 or 900 positions and decoded at 0.90-1.02x the rate after them (fp32, int8, int4
 and an int8 cache; GPT-2-124M and SmolLM-135M shapes; `samples/bench_variants.py`), so
-gptdeploy's sessions use the materializing one unless told otherwise. Audit graphs (`qk_output`)
-always do, whichever is set.
+gptdeploy's sessions use the materializing one, as long as its probabilities buffer stays small:
+it holds heads x C x T floats per batch row for a call of C positions over a cache of T, which is
+9 x 256 x 2048 x 4 B = 18 MiB for SmolLM-135M's whole context in the runtime's chunks of 256, but
+470 MiB for a 32K-context model of 14 heads. Where the model's whole context would take more
+than PROBS_BUDGET per row, onnxruntime's tiled kernel (which holds a few tiles) stays. Setting
+the variable yourself overrides both (`0`: tiled, `1`: materializing). Audit graphs
+(`qk_output`) always run the materializing kernel, whichever is set.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
     ort_state.NoSuchFile,
     ort_state.NotImplemented,
 )
-GQA_FLASH = False  # the tiled GroupQueryAttention kernel: measured slower here (module docstring)
+PROBS_BUDGET = 128 << 20  # bytes of attention probabilities per batch row the materializing kernel may hold
 GQA_FLASH_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"  # onnxruntime's own switch, read at session creation
 _env_lock = threading.Lock()  # one session at a time sets and restores the variable
 
@@ -51,14 +56,23 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def open_session(path: Path, options: ort.SessionOptions, gqa_flash: bool | None = None) -> ort.InferenceSession:
+def tiled_attention(n_head: int, rows: int, context: int) -> bool:
+    """Whether a model of `n_head` query heads, prefilled `rows` positions a call, needs
+    GroupQueryAttention's tiled kernel to keep its probabilities under PROBS_BUDGET per batch row
+    over its whole `context` (the materializing kernel is faster below it: module docstring)."""
+    return n_head * rows * context * 4 > PROBS_BUDGET  # (nh, C, T) float32
+
+
+def open_session(path: Path, options: ort.SessionOptions, gqa_flash: bool | None = None,
+                 default_flash: bool = False) -> ort.InferenceSession:
     """A CPU session over the graph at `path`. `gqa_flash`: run GroupQueryAttention's tiled kernel
     (True) or the materializing one (False); None: as `ORT_GQA_DISABLE_FLASH_ATTENTION` says
-    where the environment sets it, else GQA_FLASH. Raises what onnxruntime raises (ORT_ERRORS)."""
+    where the environment sets it, else `default_flash`. Raises what onnxruntime raises (ORT_ERRORS)."""
     with _env_lock:
         before = os.environ.get(GQA_FLASH_ENV)
         if gqa_flash is not None or before is None:
-            os.environ[GQA_FLASH_ENV] = "0" if (GQA_FLASH if gqa_flash is None else gqa_flash) else "1"
+            flash = default_flash if gqa_flash is None else gqa_flash
+            os.environ[GQA_FLASH_ENV] = "0" if flash else "1"
         try:
             return ort.InferenceSession(str(path), options, providers=PROVIDERS)
         finally:

@@ -8,8 +8,8 @@ Variants (the first is each row's baseline):
   default     the runtime as shipped
   gqa-flash   onnxruntime's tiled ("flash") GroupQueryAttention kernel, which the runtime turns
               off (runtimes/ort_session.py)
-  no-flash    the materializing GroupQueryAttention kernel, forced (the shipped default, unless
-              the environment sets ORT_GQA_DISABLE_FLASH_ATTENTION)
+  no-flash    the materializing GroupQueryAttention kernel, forced (the shipped default for
+              models whose whole context keeps its probabilities small, ort_session.PROBS_BUDGET)
   sleeping    onnxruntime's intra-op threads sleep between kernels instead of spinning
               (`session.intra_op.allow_spinning` 0). A decode step runs ~100-250 small kernels;
               between them a spinning worker is ready at once, a sleeping one must be woken

@@ -1,7 +1,8 @@
 """How the `ort` runtime opens its sessions (runtimes/ort_session.py): onnxruntime's CPU
 GroupQueryAttention has a tiled ("flash") kernel and a materializing one, chosen by an environment
-variable it reads when a session is created. The runtime picks the materializing one unless told
-otherwise or the user's environment says; it must leave the environment as it found it, and both
+variable it reads when a session is created. The runtime picks the materializing one unless its
+probabilities would be large over the model's whole context, told otherwise, or the user's
+environment says; it must leave the environment as it found it, and both
 kernels must compute the source framework's logits on a fused graph (left-padded batch, chunked
 prefill, decode steps)."""
 
@@ -41,11 +42,19 @@ def seen(monkeypatch):
     return values
 
 
-def test_the_materializing_kernel_by_default_and_the_environment_left_as_found(seen):
+def test_the_kernel_asked_for_and_the_environment_left_as_found(seen):
     assert ort_session.open_session("g.onnx", ort.SessionOptions()) == "session"
-    assert ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=True) == "session"
-    assert seen == ["0" if ort_session.GQA_FLASH else "1", "0"]
+    ort_session.open_session("g.onnx", ort.SessionOptions(), default_flash=True)
+    ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=True)
+    ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=False, default_flash=True)
+    assert seen == ["1", "0", "0", "1"]  # "1": onnxruntime's materializing kernel
     assert ENV not in os.environ
+
+
+def test_the_tiled_kernel_where_the_whole_context_would_need_a_large_probabilities_buffer():
+    assert not ort_session.tiled_attention(9, 256, 2048)  # SmolLM-135M: 18 MiB per batch row
+    assert not ort_session.tiled_attention(12, 256, 1024)  # GPT-2-124M: 12 MiB
+    assert ort_session.tiled_attention(14, 256, 32768)  # a 32K-context Qwen2.5-0.5B: 470 MiB
 
 
 def test_a_users_setting_wins_over_the_default_and_survives_an_explicit_choice(seen, monkeypatch):
@@ -76,6 +85,24 @@ def fused(tmp_path_factory):
     src = make_hf_dir(root / "src", "llama", seed=5, hidden_size=96, num_attention_heads=6,
                       num_key_value_heads=2, max_position_embeddings=128)
     return src, export_bundle(src, root / "b", attentions=False).bundle
+
+
+def test_the_runtime_chooses_by_its_models_context_unless_the_user_did(fused, monkeypatch):
+    _, bundle = fused
+    real, seen = ort_session.ort.InferenceSession, []
+
+    def spy(path, options, providers):
+        seen.append(os.environ.get(ENV))
+        return real(path, options, providers=providers)
+
+    monkeypatch.setattr(ort_session.ort, "InferenceSession", spy)
+    monkeypatch.delenv(ENV, raising=False)
+    OrtRuntime(bundle, bundle.graph(), threads=1).close()  # 128 positions: a small buffer
+    monkeypatch.setattr(ort_session, "PROBS_BUDGET", 1024)  # as if the context were long
+    OrtRuntime(bundle, bundle.graph(), threads=1).close()
+    monkeypatch.setenv(ENV, "1")  # the user's choice wins over the budget
+    OrtRuntime(bundle, bundle.graph(), threads=1).close()
+    assert seen == ["1", "0", "1"]
 
 
 @pytest.mark.usefixtures("one_torch_thread")
