@@ -2,8 +2,9 @@
 
 Two passes, and the report says what each one actually did:
 
-1. onnxruntime's transformer optimizer for the norm and GELU fusions (SkipLayerNormalization,
-   (Skip)SimplifiedLayerNormalization, FastGelu / BiasGelu): exporters/ort_fusions.py. It runs
+1. onnxruntime's transformer optimizer for the norm and GELU fusions ((Skip)Simplified-
+   LayerNormalization for RMSNorm, FastGelu / BiasGelu; a LayerNorm stays Add +
+   LayerNormalization, which runs faster): exporters/ort_fusions.py. It runs
    first, on standard ops only: its Skip*Normalization fusion needs the shapes its symbolic shape
    inference finds, and that inference stops at GroupQueryAttention's attention output, so after
    the attention pass it fused no norm in audit graphs (measured: GPT-2-124M fp32 audit decode

@@ -2,7 +2,7 @@
 
 Found by value, not by the tracer's names: it must hold for every graph the export ships, and
 the passes after the trace rewrite nodes freely (fusion replaces MatMul/LayerNormalization with
-Gemm, SkipLayerNormalization and GroupQueryAttention; the tracer stores identical tensors
+Gemm, SkipSimplifiedLayerNormalization and GroupQueryAttention; the tracer stores identical tensors
 once). The `torch` runtime reads exactly
 these initializers to rebuild gptdeploy.modeling.GPT, whatever the graph's structure.
 """
