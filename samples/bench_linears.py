@@ -39,6 +39,7 @@ LAYOUTS = {  # name -> (kind, options)
     "int4 NBits b32 acc0": ("nbits", {"bits": 4, "block_size": 32, "accuracy_level": 0}),
     "int4 NBits b64 acc4": ("nbits", {"bits": 4, "block_size": 64, "accuracy_level": 4}),
     "int4 NBits b128 acc4": ("nbits", {"bits": 4, "block_size": 128, "accuracy_level": 4}),
+    "int4 NBits b256 acc4": ("nbits", {"bits": 4, "block_size": 256, "accuracy_level": 4}),
     "int4 NBits b32 acc1": ("nbits", {"bits": 4, "block_size": 32, "accuracy_level": 1}),
     "int4 NBits b32 acc3": ("nbits", {"bits": 4, "block_size": 32, "accuracy_level": 3}),
     "int4 NBits b128 acc1": ("nbits", {"bits": 4, "block_size": 128, "accuracy_level": 1}),
