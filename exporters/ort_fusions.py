@@ -3,11 +3,13 @@
 RMSNorm -> (Skip)SimplifiedLayerNormalization, GELU -> FastGelu / BiasGelu. A LayerNorm stays
 Add + LayerNormalization: onnxruntime's CPU SkipLayerNormalization (the fusion of the two)
 normalizes element by element with a division each, where LayerNormalization runs MLAS's
-vectorized kernel: 24 of them at (1, 512, 768) took 22.9 ms against 4.9 ms as Add +
-LayerNormalization, 0.11 against 0.04 ms at one position (onnxruntime 1.32, 2 threads), and the
-GPT-2-124M int8 prefill of 512 went from 143 to 112 ms (measured; docs/performance.md). Its
-SkipSimplifiedLayerNormalization is as fast as the separate ops (4.0 ms), so RMSNorm families keep
-it; onnxruntime does not fuse Add + LayerNormalization again on the CPU when it loads the graph. model_type gpt2: its pass list is the generic one plus GPT-2's attention
+vectorized kernel. 24 of them at (1, 512, 768) took 22.9 ms against 4.9 ms as Add +
+LayerNormalization, 0.11 against 0.04 ms at one position (onnxruntime 1.32, 2 threads); the
+GPT-2-124M int8 TTFT at 512 went from 125.8 to 99.6 ms (one `gptdeploy bench` run with both
+exports; docs/performance.md). SkipSimplifiedLayerNormalization took 4.0 ms for the same 24, so
+RMSNorm families keep it. onnxruntime does not fuse Add + LayerNormalization again on the CPU
+when it loads the graph (tests/test_precision.py). model_type gpt2: its pass list is the generic
+one plus GPT-2's attention
 (which finds nothing in our graphs, see fusion.py); gpt_neox and qwen3 fused exactly the same ops
 on our Llama, Qwen3 and GPT-NeoX graphs (measured). Two repairs around it:
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gptdeploy.config import GPTConfig
 from gptdeploy.contract import GraphSignature
 from gptdeploy.errors import ExportError, ParityError
 from gptdeploy.parity import GREEDY_STEPS, ParityReport, check_parity
@@ -42,15 +43,18 @@ class BuiltGraph:
         return bool(self.graph_info.get("fused")) and fusion.get("GroupQueryAttention (gptdeploy pass)", 0) > 0
 
 
-def ort_session(path: Path):
-    """A session running the kernels the `ort` runtime runs, for the checks of a built graph."""
+def ort_session(path: Path, config: GPTConfig):
+    """A session running the kernels the `ort` runtime runs for `config`'s model, for the checks
+    of a built graph (GroupQueryAttention's kernel: runtimes/ort_session.py)."""
     import onnxruntime as ort
 
-    from gptdeploy.runtimes.ort_session import open_session
+    from gptdeploy.runtimes.ort import PREFILL_CHUNK
+    from gptdeploy.runtimes.ort_session import needs_tiled_attention, open_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return open_session(path, opts)
+    tiled = needs_tiled_attention(config.n_head, config.block_size, PREFILL_CHUNK)
+    return open_session(path, opts, flash_default=tiled)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
         external_data=external_data,
     )
     stage("checking parity against the source framework")
-    report = source_parity(ort_session(path), sig, reference, inputs, "fp32")
+    report = source_parity(ort_session(path, cfg), sig, reference, inputs, "fp32")
     if not report.passed:
         raise ParityError(f"parity failed against {report.reference}: {report.describe_failures()}", report)
     built = BuiltGraph(sig, data_file, report, {"fused": False})
@@ -135,7 +139,7 @@ def fp32_graph(model, options, path: Path, external_data, reference, inputs: Par
         del fused
         stage("checking parity of the fused graph")
         try:
-            fused_report = source_parity(ort_session(fused_path), sig, reference, inputs, "fp32")
+            fused_report = source_parity(ort_session(fused_path, cfg), sig, reference, inputs, "fp32")
             why = None if fused_report.passed else fused_report.describe_failures()
         except ORT_ERRORS as exc:  # a kernel refused a shape the pass did not foresee
             why = f"onnxruntime could not run it: {str(exc).strip().splitlines()[0]}"
@@ -184,14 +188,15 @@ def _quantized(source, options, fp32_path: Path, fp32: BuiltGraph, path: Path, e
 
     stage(f"quantizing to {options.precision}")
     proto, quant = quantize_graph(onnx.load(str(fp32_path)), options.precision, path.parent)
-    ref_session, cfg, tok = ort_session(fp32_path), source.config, source.tokenizer
+    cfg, tok = source.config, source.tokenizer
+    ref_session = ort_session(fp32_path, cfg)
     sig = fp32.signature
     if options.kv_cache == "int8":
         sig = _int8_kv_cache(fp32, ref_session, proto, inputs, cfg, stage)
     data_file = save_graph(proto, path)  # once, after every edit
     del proto
     stage(f"measuring the {options.precision} graph against the fp32 graph")
-    session = ort_session(path)
+    session = ort_session(path, cfg)
     text = held_out_text(source, tok.json, tok.vocab_size, cfg.block_size, explicit=eval_text)
     if text is None:
         text = sampled_text(ref_session, fp32.signature, inputs.prompts, tok.vocab_size, cfg.block_size)

@@ -89,7 +89,7 @@ def _verify_graph(bundle: Bundle, entry, src):
 
         return source_parity(Fp16CpuSession(graph_path), entry.signature, reference, inputs, "fp16")
     if entry.precision not in ("int8", "int4"):
-        return source_parity(ort_session(graph_path), entry.signature, reference, inputs, entry.precision)
+        return source_parity(ort_session(graph_path, bundle.config), entry.signature, reference, inputs, entry.precision)
     recorded = (bundle.manifest.parity.get(entry.name) or {}).get("eval_text") or {}
     return _verify_quantized(graph_path, entry, src, reference, inputs, _recorded_text(recorded))
 
@@ -125,12 +125,12 @@ def _verify_quantized(graph_path: Path, entry, src, reference, inputs, eval_text
         except ParityError as exc:
             return exc.report  # the rebuilt fp32 graph itself disagrees with the source: report that
         del model
-        ref_session = ort_session(fp32_path)
+        ref_session = ort_session(fp32_path, cfg)
         text = held_out_text(src, tok.json, tok.vocab_size, cfg.block_size, explicit=eval_text)
         if text is None:
             text = sampled_text(ref_session, fp32.signature, inputs.prompts, tok.vocab_size, cfg.block_size)
         return check_agreement(
-            ref_session, fp32.signature, ort_session(graph_path), sig, precision=entry.precision,
+            ref_session, fp32.signature, ort_session(graph_path, cfg), sig, precision=entry.precision,
             prompts=inputs.prompts, eval_text=text, pad_id=inputs.pad_id, vocab=inputs.vocab,
             greedy_steps=inputs.steps,
         )

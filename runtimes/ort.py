@@ -22,7 +22,7 @@ from gptdeploy.machine import physical_cores
 from gptdeploy.manifest import GraphEntry
 from gptdeploy.runtimes.base import RuntimeBase, StepOutput
 from gptdeploy.runtimes.kv_buffer import KVBuffers
-from gptdeploy.runtimes.ort_session import ORT_ERRORS, open_session, session_options, tiled_attention
+from gptdeploy.runtimes.ort_session import ORT_ERRORS, needs_tiled_attention, open_session, session_options
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,9 @@ class OrtRuntime(RuntimeBase):
             raise ValueError(f"prefill_chunk must be a positive number of positions or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # None: every prompt in one call
         path = bundle.file(graph.file)
-        context = bundle.config.block_size
-        tiled = tiled_attention(graph.signature.n_head, min(prefill_chunk or context, context), context)
+        tiled = needs_tiled_attention(graph.signature.n_head, bundle.config.block_size, prefill_chunk)
         try:
-            self._session = open_session(path, self._session_options(threads), gqa_flash, default_flash=tiled)
+            self._session = open_session(path, self._session_options(threads), gqa_flash, flash_default=tiled)
         except ORT_ERRORS as exc:
             raise BundleError(f"onnxruntime cannot load graph {graph.file!r}: {_first_line(exc)}") from None
         sig = graph.signature

@@ -11,10 +11,13 @@ and an int8 cache; GPT-2-124M and SmolLM-135M shapes; `samples/bench_variants.py
 gptdeploy's sessions use the materializing one, as long as its probabilities buffer stays small:
 it holds heads x C x T floats per batch row for a call of C positions over a cache of T, which is
 9 x 256 x 2048 x 4 B = 18 MiB for SmolLM-135M's whole context in the runtime's chunks of 256, but
-470 MiB for a 32K-context model of 14 heads. Where the model's whole context would take more
+448 MiB for a 32K-context model of 14 heads. Where the model's whole context would take more
 than PROBS_BUDGET per row, onnxruntime's tiled kernel (which holds a few tiles) stays. Setting
 the variable yourself overrides both (`0`: tiled, `1`: materializing). Audit graphs
 (`qk_output`) always run the materializing kernel, whichever is set.
+
+The variable is process-wide: while a session is being created it holds gptdeploy's choice for
+every thread of the process (a lock orders gptdeploy's own sessions), then it is put back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from gptdeploy.errors import ConfigError
 
 PROVIDERS = ["CPUExecutionProvider"]  # explicit: never let onnxruntime pick (or warn about) providers
 ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
@@ -38,6 +43,7 @@ ORT_ERRORS = (  # what onnxruntime raises for a graph or a run it refuses
 )
 PROBS_BUDGET = 128 << 20  # bytes of attention probabilities per batch row the materializing kernel may hold
 GQA_FLASH_ENV = "ORT_GQA_DISABLE_FLASH_ATTENTION"  # onnxruntime's own switch, read at session creation
+BOOL_VALUES = ("0", "1", "false", "true", "False", "True")  # what onnxruntime parses as a bool
 _env_lock = threading.Lock()  # one session at a time sets and restores the variable
 
 
@@ -56,24 +62,32 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def tiled_attention(n_head: int, rows: int, context: int) -> bool:
-    """Whether a model of `n_head` query heads, prefilled `rows` positions a call, needs
-    GroupQueryAttention's tiled kernel to keep its probabilities under PROBS_BUDGET per batch row
-    over its whole `context` (the materializing kernel is faster below it: module docstring)."""
+def needs_tiled_attention(n_head: int, context: int, rows: int | None) -> bool:
+    """Whether a model of `n_head` query heads and `context` positions, prefilled `rows` positions
+    a call (None: a whole context at once), needs GroupQueryAttention's tiled kernel to keep its
+    probabilities under PROBS_BUDGET per batch row (the other kernel is faster: module docstring)."""
+    rows = min(rows or context, context)
     return n_head * rows * context * 4 > PROBS_BUDGET  # (nh, C, T) float32
 
 
 def open_session(path: Path, options: ort.SessionOptions, gqa_flash: bool | None = None,
-                 default_flash: bool = False) -> ort.InferenceSession:
+                 flash_default: bool = False) -> ort.InferenceSession:
     """A CPU session over the graph at `path`. `gqa_flash`: run GroupQueryAttention's tiled kernel
-    (True) or the materializing one (False); None: as `ORT_GQA_DISABLE_FLASH_ATTENTION` says
-    where the environment sets it, else `default_flash`. Raises what onnxruntime raises (ORT_ERRORS)."""
+    (True) or the materializing one (False); None: as `ORT_GQA_DISABLE_FLASH_ATTENTION` says where
+    the user set it, else `flash_default` (needs_tiled_attention). The user's setting is read under
+    the same lock that sets and restores the variable, so another session's temporary value is
+    never taken for it. Raises ConfigError for a setting onnxruntime cannot read, and what
+    onnxruntime raises (ORT_ERRORS)."""
     with _env_lock:
         before = os.environ.get(GQA_FLASH_ENV)
-        if gqa_flash is not None or before is None:
-            flash = default_flash if gqa_flash is None else gqa_flash
-            os.environ[GQA_FLASH_ENV] = "0" if flash else "1"
+        user = before or None  # an empty value is unset, as onnxruntime reads it
+        if user is not None and user not in BOOL_VALUES:
+            raise ConfigError(f"{GQA_FLASH_ENV}={user!r}: onnxruntime reads 1 (its materializing attention "
+                              "kernel) or 0 (its tiled one); unset it to let gptdeploy choose")
         try:
+            if gqa_flash is not None or user is None:
+                flash = flash_default if gqa_flash is None else gqa_flash
+                os.environ[GQA_FLASH_ENV] = "0" if flash else "1"
             return ort.InferenceSession(str(path), options, providers=PROVIDERS)
         finally:
             if before is None:

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from gptdeploy.errors import ConfigError
 from gptdeploy.exporters.export import export_bundle
 from gptdeploy.exporters.references import HFReference
 from gptdeploy.parity import TOLERANCES
@@ -44,17 +45,34 @@ def seen(monkeypatch):
 
 def test_the_kernel_asked_for_and_the_environment_left_as_found(seen):
     assert ort_session.open_session("g.onnx", ort.SessionOptions()) == "session"
-    ort_session.open_session("g.onnx", ort.SessionOptions(), default_flash=True)
+    ort_session.open_session("g.onnx", ort.SessionOptions(), flash_default=True)
     ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=True)
-    ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=False, default_flash=True)
+    ort_session.open_session("g.onnx", ort.SessionOptions(), gqa_flash=False, flash_default=True)
     assert seen == ["1", "0", "0", "1"]  # "1": onnxruntime's materializing kernel
     assert ENV not in os.environ
 
 
 def test_the_tiled_kernel_where_the_whole_context_would_need_a_large_probabilities_buffer():
-    assert not ort_session.tiled_attention(9, 256, 2048)  # SmolLM-135M: 18 MiB per batch row
-    assert not ort_session.tiled_attention(12, 256, 1024)  # GPT-2-124M: 12 MiB
-    assert ort_session.tiled_attention(14, 256, 32768)  # a 32K-context Qwen2.5-0.5B: 470 MiB
+    needs = ort_session.needs_tiled_attention
+    assert not needs(9, 2048, 256)  # SmolLM-135M in chunks of 256: 18 MiB per batch row
+    assert not needs(12, 1024, 256)  # GPT-2-124M: 12 MiB
+    assert needs(14, 32768, 256)  # a 32K-context Qwen2.5-0.5B: 448 MiB
+    assert needs(9, 2048, None)  # SmolLM's whole context in one call: 144 MiB
+    assert needs(9, 2048, 4096) == needs(9, 2048, None)  # a call never holds more than the context
+    assert not needs(9, 1024, None)  # 36 MiB
+
+
+def test_an_empty_setting_is_unset_and_one_onnxruntime_cannot_read_is_refused(seen, monkeypatch):
+    monkeypatch.setenv(ENV, "")  # onnxruntime reads an empty value as unset: so does gptdeploy
+    ort_session.open_session("g.onnx", ort.SessionOptions(), flash_default=True)
+    assert seen == ["0"] and os.environ[ENV] == ""
+    monkeypatch.setenv(ENV, "yes")
+    with pytest.raises(ConfigError, match=f"{ENV}='yes'.* 1 .* 0 "):
+        ort_session.open_session("g.onnx", ort.SessionOptions())
+    assert os.environ[ENV] == "yes" and seen == ["0"]  # nothing opened, nothing changed
+    monkeypatch.setenv(ENV, "true")  # onnxruntime's other spelling of 1
+    ort_session.open_session("g.onnx", ort.SessionOptions())
+    assert seen == ["0", "true"]
 
 
 def test_a_users_setting_wins_over_the_default_and_survives_an_explicit_choice(seen, monkeypatch):
@@ -126,4 +144,6 @@ def test_both_attention_kernels_compute_the_source_logits(fused):
     for flash in (False, True):
         assert float(np.abs(logits[flash][0] - ref.logits[:, -1].numpy()).max()) <= tol
     np.testing.assert_allclose(logits[True], logits[False], atol=1e-5, rtol=0)  # fp32 sums in another order
+    # ... but another order: onnxruntime did read the variable (it is not a documented session option)
+    assert not np.array_equal(logits[True], logits[False])
     np.testing.assert_array_equal(tokens[True], tokens[False])

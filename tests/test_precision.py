@@ -262,7 +262,7 @@ def test_quantized_out_of_bounds_fails_and_writes_nothing(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------- fused, last logits
 
 
-def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
+def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny, tmp_path):
     _, bundles = tiny
     fast = bundles["fast"].bundle
     info = fast.manifest.parity["fp32"]["graph"]
@@ -273,6 +273,12 @@ def test_fused_graph_has_fused_ops_and_same_greedy_tokens(tiny):
     ops = {n.op_type for n in proto.graph.node}
     assert {"GroupQueryAttention", "FastGelu", "LayerNormalization"} <= ops and "Softmax" not in ops
     assert "SkipLayerNormalization" not in ops  # slower than Add + LayerNormalization (ort_fusions.py)
+    so = ort.SessionOptions()  # ... and onnxruntime does not fuse them again when it loads the graph
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    ort.InferenceSession(str(fast.file("model.onnx")), so, providers=["CPUExecutionProvider"])
+    loaded = {n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node}
+    assert "LayerNormalization" in loaded and "SkipLayerNormalization" not in loaded
     kinds = [n.op_type for n in proto.graph.node]
     assert kinds.count("MatMul") == 4 * 3 and kinds.count("Gemm") == 1  # Linears pre-packed; the tied head
     overridable = {v.name for v in proto.graph.input} & {t.name for t in proto.graph.initializer}
@@ -293,6 +299,7 @@ def test_default_fp32_audit_graph_is_fused_and_records_what_the_portable_graph_r
     assert portable.manifest.parity["fp32"]["graph"]["fused"] is False
     ops = {n.op_type: n for n in onnx.load(str(audit.file("model.onnx"))).graph.node}
     assert {"GroupQueryAttention", "LayerNormalization", "FastGelu"} <= set(ops) and "Softmax" not in ops
+    assert "SkipLayerNormalization" not in ops
     assert {a.name: a.i for a in ops["GroupQueryAttention"].attribute}["qk_output"] == 2
     fusion = audit.manifest.parity["fp32"]["graph"]["fusion"]  # the same norm and GELU fusions as without outputs
     assert fusion["onnxruntime optimizer"] == bundles["fast"].bundle.manifest.parity["fp32"]["graph"]["fusion"]["onnxruntime optimizer"]
