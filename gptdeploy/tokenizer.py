@@ -24,6 +24,7 @@ class Tokenizer:
     def __init__(self, tok: tokenizers.Tokenizer, entry: TokenizerEntry):
         self._tok = tok
         self.entry = entry
+        self._alphabet = silent_drop_alphabet(tok)  # None unless the tokenizer drops what it lacks
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> Tokenizer:
@@ -88,6 +89,11 @@ class Tokenizer:
             ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare `Exception` for unknown input
             raise GenerationError(self._refusal(text, exc)) from None
+        if self._alphabet is not None:  # a BPE without an unknown token leaves such characters out
+            norm = self._tok.normalizer.normalize_str(text) if self._tok.normalizer else text
+            lost = [c for c in dict.fromkeys(norm) if c not in self._alphabet and not c.isspace()]
+            if lost:
+                raise GenerationError(_lacks(lost))
         bos = self.entry.bos_token_id
         if add_special_tokens and self.entry.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
@@ -98,10 +104,7 @@ class Tokenizer:
         pieces = unencodable(self._tok, text)
         if not pieces:  # refused only in context: the tokenizer's own words are all we have
             return f"the tokenizer cannot encode the prompt ({str(exc).splitlines()[0]}); rephrase it"
-        shown = ", ".join(_describe(p) for p in pieces[:SHOWN]) + (
-            f" and {len(pieces) - SHOWN} more" if len(pieces) > SHOWN else "")
-        what = "characters" if all(len(p) == 1 for p in pieces) else "text"
-        return f"the prompt has {what} the model's vocabulary lacks: {shown}; remove or replace them"
+        return _lacks(pieces)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens kept (an audit must show what the model produced)."""
@@ -131,6 +134,28 @@ def unencodable(tok: tokenizers.Tokenizer, text: str) -> list[str]:
         else:
             found.append(piece)
     return list(dict.fromkeys(found))
+
+
+def silent_drop_alphabet(tok: tokenizers.Tokenizer) -> frozenset[str] | None:
+    """The characters a tokenizer that silently drops the others can produce, or None where
+    nothing is dropped. A BPE model without an unknown token and without byte fallback encodes a
+    character it has no token for as nothing at all (`tokenizers` 0.2x: "hello \u2603" -> the
+    ids of "hello"), unless a byte-level pre-tokenizer first maps every byte to a character of
+    its alphabet. Every other model either has an unknown token or refuses (`unencodable`)."""
+    model = tok.model
+    if not isinstance(model, tokenizers.models.BPE) or model.unk_token or model.byte_fallback:
+        return None
+    if tok.pre_tokenizer is not None and b'"ByteLevel"' in tok.pre_tokenizer.__getstate__():
+        return None
+    return frozenset("".join(tok.get_vocab(with_added_tokens=True)))
+
+
+def _lacks(pieces: list[str]) -> str:
+    """The one-line refusal naming what the vocabulary lacks."""
+    shown = ", ".join(_describe(p) for p in pieces[:SHOWN]) + (
+        f" and {len(pieces) - SHOWN} more" if len(pieces) > SHOWN else "")
+    what = "characters" if all(len(p) == 1 for p in pieces) else "text"
+    return f"the prompt has {what} the model's vocabulary lacks: {shown}; remove or replace them"
 
 
 def _encodes(tok: tokenizers.Tokenizer, text: str) -> bool:

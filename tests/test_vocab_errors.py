@@ -1,8 +1,11 @@
 """A prompt the tokenizer refuses (characters a character vocabulary lacks): one GenerationError
 naming exactly the offending characters, from the API and the CLI, for every tokenizer kind
-that refuses unknown input (WordLevel, WordPiece and Unigram without an unknown token)."""
+that refuses unknown input (WordLevel, WordPiece and Unigram without an unknown token), and for
+a BPE without an unknown token or byte fallback, which `tokenizers` lets drop them silently."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +18,7 @@ from gptdeploy.errors import GenerationError
 from gptdeploy.manifest import TokenizerEntry
 from gptdeploy.tokenizer import Tokenizer, unencodable
 
+SAMPLE_TOKENIZER = Path(__file__).parents[1] / "samples" / "tiny-gpt" / "tokenizer.json"
 LACKS_E = "the prompt has characters the model's vocabulary lacks: 'é' (U+00E9); remove or replace them"
 
 
@@ -106,3 +110,33 @@ def test_message_says_text_for_words_and_caps_the_list():
         _wrap(_chars("ab")).encode("abcdefghijklm")
     assert str(err.value).startswith("the prompt has characters the model's vocabulary lacks: 'c' (U+0063)")
     assert "'j' (U+006A) and 3 more;" in str(err.value)  # eight named, the rest counted
+
+
+def _bpe(**kwargs) -> HfTokenizer:
+    """A BPE over a few letters (h, e, l, o, 'he'), split on whitespace: SentencePiece-style
+    vocabularies are BPE models, some with neither an unknown token nor byte fallback."""
+    tok = HfTokenizer(models.BPE(vocab={"h": 0, "e": 1, "l": 2, "o": 3, "he": 4}, merges=[("h", "e")], **kwargs))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def test_a_bpe_without_an_unknown_token_is_refused_not_silently_shortened():
+    tok = _bpe()
+    assert tok.encode("hello \u2603 lo").ids == tok.encode("hello lo").ids  # what tokenizers does: drops it
+    with pytest.raises(GenerationError) as err:
+        _wrap(tok).encode("hello \u2603 lo")
+    assert str(err.value) == "the prompt has characters the model's vocabulary lacks: '\u2603' (U+2603); remove or replace them"
+    assert _wrap(tok).encode("hello  lo\n") == tok.encode("hello  lo\n").ids  # whitespace is the pre-tokenizer's
+
+
+def test_tokenizers_that_keep_every_character_are_not_checked():
+    with_unk = HfTokenizer(models.BPE(vocab={"h": 0, "e": 1, "<unk>": 2}, merges=[], unk_token="<unk>"))
+    assert _wrap(with_unk).encode("h\u2603") == [0, 2]  # the unknown token stands in
+    fallback = HfTokenizer(models.BPE(vocab={"h": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}, merges=[],
+                                      byte_fallback=True))
+    assert len(_wrap(fallback).encode("h\u2603")) == 4  # h and the snowman's three UTF-8 bytes
+    byte_level = HfTokenizer.from_file(str(SAMPLE_TOKENIZER))  # byte-level BPE, no unk
+    assert _wrap(byte_level).encode("\u2603")  # every byte has a character of its alphabet
+    normalized = _bpe()
+    normalized.normalizer = normalizers.NFKC()  # full-width 'ｈ' is 'h' once normalized
+    assert _wrap(normalized).encode("\uff48ello") == _wrap(normalized).encode("hello")
