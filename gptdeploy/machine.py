@@ -103,6 +103,16 @@ def nvidia_smi(fields: str, timeout: float = 10) -> list[list[str]] | None:
     return [[p.strip() for p in line.split(",")] for line in done.stdout.strip().splitlines() if line.strip()]
 
 
+# Environment variables that change which kernels or how many threads the measured libraries use
+# (onnxruntime's attention kernel switch, OpenMP / MKL / OpenBLAS threads, ggml's settings).
+KERNEL_ENV_PREFIXES = ("ORT_", "OMP_", "MKL_", "OPENBLAS_", "GGML_", "LLAMA_")
+
+
+def kernel_env() -> dict[str, str]:
+    """The set KERNEL_ENV_PREFIXES variables, as the process runs with them."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(KERNEL_ENV_PREFIXES)}
+
+
 def facts(threads: int, dists: Iterable[str]) -> dict:
     """What a benchmark figure depends on, for its JSON."""
     gpus = nvidia_smi("name,memory.total,driver_version")
@@ -116,4 +126,5 @@ def facts(threads: int, dists: Iterable[str]) -> dict:
         "threads": threads,
         "versions": versions(dists),
         "gpu": "; ".join(", ".join(row) for row in gpus) if gpus else None,
+        "env": kernel_env(),
     }

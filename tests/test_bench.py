@@ -195,13 +195,18 @@ def test_ratios_per_configuration_and_against_llama_cpp_of_the_same_precision():
     assert rows[5].ratio["decode_tps"] == 2.0 and rows[5].same_precision["decode_tps"] == 2.0  # vs threads 2
 
 
-def test_several_bundles_rows_labelled_with_bundle_and_precision(tiny, tiny_int8):
+def test_several_bundles_rows_labelled_with_bundle_and_precision(tiny, tiny_int8, monkeypatch):
     _, fp32 = tiny
+    monkeypatch.setenv("ORT_GQA_DISABLE_FLASH_ATTENTION", "1")  # a kernel switch: recorded with the figures
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     plan = BenchPlan((fp32, tiny_int8), ("ort",), (1, 2), (4,), new_tokens=4, runs=1, warmup=0, threads=(1,))
     doc = json.loads(json.dumps(to_json(plan, run_plan(plan))))
     assert doc["schema"] == 2 and doc["plan"]["bundles"] == [str(fp32), str(tiny_int8)]
     assert doc["plan"]["threads"] == [1] and doc["machine"]["threads"] == 1
     assert isinstance(doc["machine"]["cpu_flags"], list) and set(doc["machine"]["cpu_flags"]) <= set(KERNEL_FLAGS)
+    env = doc["machine"]["env"]
+    assert env["ORT_GQA_DISABLE_FLASH_ATTENTION"] == "1" and env["OMP_NUM_THREADS"] == "2"
+    assert all(k.startswith(("ORT_", "OMP_", "MKL_", "OPENBLAS_", "GGML_", "LLAMA_")) for k in env)
     got = [(r["label"], r["bundle"], r["precision"], r["threads"], r["batch"], r["error"]) for r in doc["rows"]]
     assert got == [(f"ort {g} ({b})", str(b), g, 1, batch, None)
                    for batch in (1, 2) for g, b in (("fp32", fp32), ("int8", tiny_int8))]
