@@ -48,13 +48,12 @@ def ort_session(path: Path, config: GPTConfig):
     of a built graph (GroupQueryAttention's kernel: runtimes/ort_session.py)."""
     import onnxruntime as ort
 
-    from gptdeploy.runtimes.ort import PREFILL_CHUNK
-    from gptdeploy.runtimes.ort_session import needs_tiled_attention, open_session
+    from gptdeploy.runtimes.ort import tiled_attention
+    from gptdeploy.runtimes.ort_session import open_session
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    tiled = needs_tiled_attention(config.n_head, config.block_size, PREFILL_CHUNK)
-    return open_session(path, opts, flash_default=tiled)
+    return open_session(path, opts, flash_default=tiled_attention(config))
 
 
 @dataclass(frozen=True)

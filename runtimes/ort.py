@@ -17,6 +17,7 @@ from onnxruntime.capi import _pybind_state as C  # the layer onnxruntime's own P
 
 from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
+from gptdeploy.config import GPTConfig
 from gptdeploy.errors import BundleError, RuntimeFailure
 from gptdeploy.machine import physical_cores
 from gptdeploy.manifest import GraphEntry
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 # prompt 1536: 1900 -> 1518 ms (256); int8 228 -> 188 ms (docs/performance.md). The probabilities
 # buffer of a call shrinks the same way (B x heads x C x T floats instead of T x T).
 PREFILL_CHUNK = 256
+
+
+def tiled_attention(config: GPTConfig, prefill_chunk: int | None = PREFILL_CHUNK) -> bool:
+    """Whether the runtime, prefilling `prefill_chunk` positions a call, runs `config`'s model on
+    onnxruntime's tiled attention kernel unless told otherwise (runtimes/ort_session.py); export's
+    checks and the sample benchmarks open their sessions with the same choice."""
+    return needs_tiled_attention(config.n_head, config.block_size, prefill_chunk)
 
 
 class OrtRuntime(RuntimeBase):
@@ -64,9 +72,9 @@ class OrtRuntime(RuntimeBase):
             raise ValueError(f"prefill_chunk must be a positive number of positions or None, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # None: every prompt in one call
         path = bundle.file(graph.file)
-        tiled = needs_tiled_attention(graph.signature.n_head, bundle.config.block_size, prefill_chunk)
         try:
-            self._session = open_session(path, self._session_options(threads), gqa_flash, flash_default=tiled)
+            self._session = open_session(path, self._session_options(threads), gqa_flash,
+                                         flash_default=tiled_attention(bundle.config, prefill_chunk))
         except ORT_ERRORS as exc:
             raise BundleError(f"onnxruntime cannot load graph {graph.file!r}: {_first_line(exc)}") from None
         sig = graph.signature

@@ -9,11 +9,12 @@ docs/performance.md measured (2-core Xeon, head size 64), the tiled kernel took 
 to prefill 512 or 900 positions and decoded at 0.90-1.02x the rate after them (fp32, int8, int4
 and an int8 cache; GPT-2-124M and SmolLM-135M shapes; `samples/bench_variants.py`). On a 6-layer
 model of SmolLM's heads with 8192 positions it prefilled 1000-8000 positions in 0.94-0.99x the
-time but decoded at 0.87-1.00x the rate after them. So gptdeploy's sessions use the materializing one, as long as its probabilities buffer stays small:
-it holds heads x C x T floats per batch row for a call of C positions over a cache of T, which is
-9 x 256 x 2048 x 4 B = 18 MiB for SmolLM-135M's whole context in the runtime's chunks of 256, but
-448 MiB for a 32K-context model of 14 heads. Where the model's whole context would take more
-than PROBS_BUDGET per row, onnxruntime's tiled kernel (which holds a few tiles) stays. Setting
+time but decoded at 0.87-1.00x the rate after them. So gptdeploy's sessions use the
+materializing one, as long as its probabilities buffer stays small: it holds heads x C x T
+floats per batch row for a call of C positions over a cache of T, which is 9 x 256 x 2048 x 4 B
+= 18 MiB for SmolLM-135M's whole context in the runtime's chunks of 256, but 448 MiB for a
+32K-context model of 14 heads. Where the model's whole context would take more than
+PROBS_BUDGET per row, onnxruntime's tiled kernel (which holds a few tiles) stays. Setting
 the variable yourself overrides both (`0`: tiled, `1`: materializing). Audit graphs
 (`qk_output`) always run the materializing kernel, whichever is set.
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gptdeploy.bundle import Bundle
-from gptdeploy.runtimes.ort import PREFILL_CHUNK, OrtRuntime
-from gptdeploy.runtimes.ort_session import needs_tiled_attention
+from gptdeploy.runtimes.ort import OrtRuntime, tiled_attention
 from gptdeploy.steps import Steps
 
 
@@ -29,7 +28,7 @@ def measure(bundle_path: Path, prompt_lens: list[int], chunks: list[int], rounds
     bundle = Bundle.load(bundle_path)
     # every chunk size on the attention kernel the runtime picks for its own chunks (a whole
     # long prompt alone would pick the tiled one: runtimes/ort_session.py)
-    flash = needs_tiled_attention(bundle.config.n_head, bundle.config.block_size, PREFILL_CHUNK)
+    flash = tiled_attention(bundle.config)
     runtimes = {c: OrtRuntime(bundle, bundle.graph(), threads, prefill_chunk=c or None, gqa_flash=flash) for c in chunks}
     vocab = bundle.manifest.tokenizer.vocab_size
     times: dict[tuple[int, int], list[float]] = {(t, c): [] for t in prompt_lens for c in chunks}

@@ -33,8 +33,8 @@ from gptdeploy import contract as io
 from gptdeploy.bundle import Bundle
 from gptdeploy.generate import Generator
 from gptdeploy.runtimes.backends import open_runtime
-from gptdeploy.runtimes.ort import PREFILL_CHUNK
-from gptdeploy.runtimes.ort_session import needs_tiled_attention, open_session, session_options
+from gptdeploy.runtimes.ort import tiled_attention
+from gptdeploy.runtimes.ort_session import open_session, session_options
 from gptdeploy.tokenizer import Tokenizer
 
 PROMPT_TEXT = (
@@ -97,8 +97,8 @@ def main() -> None:
     raw = tokenizers.Tokenizer.from_file(str(bundle.file(entry.file)))
     no_eos = Tokenizer(raw, replace(entry, eos_token_id=None))  # decode all --new-tokens
     gen = Generator(open_runtime(bundle, "ort", threads=args.threads), no_eos, bundle)
-    tiled = needs_tiled_attention(bundle.config.n_head, bundle.config.block_size, PREFILL_CHUNK)  # the runtime's kernel
-    sess = open_session(bundle.file(bundle.graph().file), session_options(args.threads), flash_default=tiled)
+    sess = open_session(bundle.file(bundle.graph().file), session_options(args.threads),
+                        flash_default=tiled_attention(bundle.config))  # the runtime's kernels
     prompt = prompt_ids(gen, args.prompt_tokens)
     # Warm-up: first runs pay for allocator arenas and page faults of the weights.
     gen.generate_ids([prompt], max_new_tokens=8)
